@@ -1,0 +1,30 @@
+"""Fault injection for hang tests: make one guarded site stall on purpose.
+
+`FLUXTRAIN_INJECT_HANG=<site>` makes `inject_point(site)` block forever. Each guarded
+site calls it from inside its own bound, so a black-box test can prove the bound fires.
+Stdlib only: DataLoader workers and the tools import it cheaply.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+ENV_VAR = "FLUXTRAIN_INJECT_HANG"
+SITES = ("dataloader", "block_swap", "cache_io", "sample", "save", "step")
+
+
+def injected_site() -> str | None:
+    site = os.environ.get(ENV_VAR, "").strip()
+    return site or None
+
+
+def inject_point(site: str) -> None:
+    """Stall forever when this site is the injected one; otherwise return at once.
+
+    The loop sleeps in short slices so a signal handler (SIGALRM bounds) can raise
+    inside it, like it would inside a real blocking read.
+    """
+    if os.environ.get(ENV_VAR) != site:
+        return
+    while True:
+        time.sleep(0.5)
