@@ -1,0 +1,147 @@
+"""`ss_*` and `modelspec.*` metadata for saved LoRA files, with upstream's keys.
+
+Every value is a string, as upstream writes them; FluxGym, ComfyUI and civitai read these
+keys to show how a LoRA was trained. Built once per run, then updated per save.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                "ss_network_args")
+
+
+def _git_commit(repo_dir: Path) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(repo_dir), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "(unknown)"
+    except (OSError, subprocess.SubprocessError):
+        return "(unknown)"
+
+
+class ModelHasher:
+    """sha256 of the base model file, computed on a background thread.
+
+    Upstream hashes the whole base checkpoint (about 24 GB) in the foreground, a silent
+    phase that looks like a hang; we overlap it with caching and training instead.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.value: str | None = None
+        if os.path.isfile(path):
+            threading.Thread(target=self._run, name="model-hash", daemon=True).start()
+
+    def _run(self) -> None:
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(8 << 20), b""):
+                digest.update(chunk)
+        self.value = digest.hexdigest()
+
+
+def _str(value) -> str:
+    return "None" if value is None else str(value)
+
+
+def build_training_metadata(settings, *, optimizer_name: str, num_train_images: int, num_batches_per_epoch: int,
+                            num_epochs: int, max_train_steps: int, is_schnell: bool, datasets: list[dict],
+                            repo_dir: Path) -> dict[str, str]:
+    net, opt, flow, run = settings.network, settings.optimizer, settings.flow, settings.run
+    raw = settings.raw
+    meta = {
+        "ss_session_id": str(uuid.uuid4().int % (1 << 32)),
+        "ss_training_started_at": str(time.time()),
+        "ss_output_name": settings.save.output_name,
+        "ss_learning_rate": _str(opt.learning_rate),
+        "ss_text_encoder_lr": _str(opt.text_encoder_lr),
+        "ss_unet_lr": _str(opt.unet_lr),
+        "ss_num_train_images": str(num_train_images),
+        "ss_num_reg_images": "0",
+        "ss_num_validation_images": "0",
+        "ss_num_batches_per_epoch": str(num_batches_per_epoch),
+        "ss_num_epochs": str(num_epochs),
+        "ss_gradient_checkpointing": str(run.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": "1",
+        "ss_max_train_steps": str(max_train_steps),
+        "ss_lr_warmup_steps": _str(opt.warmup_steps),
+        "ss_lr_scheduler": opt.scheduler,
+        "ss_network_module": net.module,
+        "ss_network_dim": str(net.dim),
+        "ss_network_alpha": _str(raw.get("network_alpha", net.alpha)),
+        "ss_network_dropout": "None",
+        "ss_mixed_precision": run.mixed_precision,
+        "ss_full_fp16": "False",
+        "ss_v2": "False",
+        "ss_base_model_version": "flux1",
+        "ss_clip_skip": "None",
+        "ss_max_token_length": "None",
+        "ss_cache_latents": "True",
+        "ss_seed": str(run.seed),
+        "ss_lowram": str(bool(raw.get("lowram"))),
+        "ss_noise_offset": "None",
+        "ss_min_snr_gamma": "None",
+        "ss_training_comment": _str(settings.save.training_comment),
+        "ss_sd_scripts_commit_hash": _git_commit(repo_dir),
+        "ss_optimizer": optimizer_name,
+        "ss_max_grad_norm": str(opt.max_grad_norm),
+        "ss_fp8_base": str(settings.model.fp8_base),
+        "ss_fp8_base_unet": str(settings.model.fp8_base_unet),
+        "ss_loss_type": flow.loss_type,
+        "ss_sd_model_name": os.path.basename(settings.model.dit_path),
+        "ss_datasets": json.dumps(datasets),
+        # FLUX-specific keys (upstream's update_metadata)
+        "ss_model_type": "flux",
+        "ss_apply_t5_attn_mask": str(settings.model.apply_t5_attn_mask),
+        "ss_weighting_scheme": flow.weighting_scheme,
+        "ss_logit_mean": str(flow.logit_mean),
+        "ss_logit_std": str(flow.logit_std),
+        "ss_mode_scale": str(flow.mode_scale),
+        "ss_guidance_scale": str(flow.guidance_scale),
+        "ss_timestep_sampling": flow.timestep_sampling,
+        "ss_sigmoid_scale": str(flow.sigmoid_scale),
+        "ss_model_prediction_type": flow.model_prediction_type,
+        "ss_discrete_flow_shift": str(flow.discrete_flow_shift),
+    }
+    if net.args:
+        meta["ss_network_args"] = json.dumps(net.args)
+    meta.update(_modelspec(settings, is_schnell))
+    return meta
+
+
+def _modelspec(settings, is_schnell: bool) -> dict[str, str]:
+    res = settings.data.cli_fallbacks.get("resolution")
+    spec = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "flux-1-schnell/lora" if is_schnell else "flux-1-dev/lora",
+        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        "modelspec.title": settings.save.metadata.get("title") or settings.save.output_name,
+        "modelspec.date": _dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.resolution": f"{res[0]}x{res[1]}" if res else "1024x1024",
+    }
+    for key in ("author", "description", "license", "tags"):
+        if settings.save.metadata.get(key):
+            spec[f"modelspec.{key}"] = settings.save.metadata[key]
+    return spec
+
+
+def metadata_for_save(base: dict[str, str], *, step: int, epoch: int, model_hash: str | None,
+                      minimal: bool) -> dict[str, str]:
+    meta = dict(base)
+    meta["ss_steps"] = str(step)
+    meta["ss_epoch"] = str(epoch)
+    meta["ss_training_finished_at"] = str(time.time())
+    if model_hash:
+        meta["ss_new_sd_model_hash"] = model_hash
+    if minimal:
+        meta = {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
+    return meta

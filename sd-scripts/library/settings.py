@@ -1,0 +1,343 @@
+"""Typed training settings, built once from the parsed command line.
+
+argparse stays at the edge (`library.args`); everything past `settings_from_args` reads
+these frozen dataclasses. Upstream's implied-flag rules (`_to_disk` implies caching,
+`--fp8_base_unet` implies `--fp8_base`, `--split_mode` means 18 swapped blocks) and its
+argument checks live here, each failing with a message that names the flag.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class SettingsError(ValueError):
+    """A flag combination that cannot work; the message names the flag(s) and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    dit_path: str
+    clip_l_path: str
+    t5xxl_path: str
+    ae_path: str
+    tokenizer_cache_dir: str | None
+    fp8_base: bool
+    fp8_base_unet: bool
+    disable_mmap: bool
+    t5xxl_max_token_length: int | None
+    apply_t5_attn_mask: bool
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dataset_config: str | None
+    train_data_dir: str | None
+    cli_fallbacks: dict
+    cache_latents_to_disk: bool
+    cache_text_encoder_outputs: bool
+    cache_text_encoder_outputs_to_disk: bool
+    vae_batch_size: int
+    text_encoder_batch_size: int | None
+    num_workers: int
+    persistent_workers: bool
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    module: str
+    dim: int
+    alpha: float
+    args: dict
+    train_unet_only: bool
+    weights: str | None
+
+    @property
+    def train_blocks(self) -> str:
+        return self.args.get("train_blocks", "all")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    type: str
+    learning_rate: float
+    unet_lr: float | None
+    text_encoder_lr: float | None
+    args: dict
+    scheduler: str
+    warmup_steps: float
+    decay_steps: float
+    num_cycles: int
+    power: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    timestep_sampling: str
+    sigmoid_scale: float
+    discrete_flow_shift: float
+    model_prediction_type: str
+    weighting_scheme: str
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
+    guidance_scale: float
+    loss_type: str
+
+
+@dataclass(frozen=True)
+class SaveSettings:
+    output_dir: Path
+    output_name: str
+    save_precision: str | None
+    every_n_epochs: int | None
+    every_n_steps: int | None
+    last_n_epochs: int | None
+    last_n_epochs_state: int | None
+    last_n_steps: int | None
+    last_n_steps_state: int | None
+    save_state: bool
+    save_state_on_train_end: bool
+    resume: str | None
+    no_metadata: bool
+    training_comment: str | None
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    prompts: str | None
+    every_n_steps: int | None
+    every_n_epochs: int | None
+    at_first: bool
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts) and bool(self.every_n_steps or self.every_n_epochs or self.at_first)
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    dataloader_timeout: float
+    block_swap_timeout: float
+    cache_io_timeout: float
+    sample_timeout: float
+    save_timeout: float
+    stall_dump_timeout: float
+    ddp_timeout_minutes: int | None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    seed: int
+    mixed_precision: str
+    gradient_checkpointing: bool
+    max_train_steps: int
+    max_train_epochs: int | None
+    blocks_to_swap: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    model: ModelSettings
+    data: DataSettings
+    network: NetworkSettings
+    optimizer: OptimizerSettings
+    flow: FlowSettings
+    save: SaveSettings
+    sample: SampleSettings
+    guards: GuardSettings
+    run: RunSettings
+    raw: dict  # the parsed namespace as a dict, for ss_* metadata
+
+    def resume_settings(self) -> dict:
+        """Settings a resumed run must share with the run that wrote the state."""
+        return {
+            "network_module": self.network.module,
+            "network_dim": self.network.dim,
+            "network_alpha": float(self.network.alpha),
+            "train_blocks": self.network.train_blocks,
+            "network_train_unet_only": self.network.train_unet_only,
+            "optimizer_type": self.optimizer.type.lower() or "adamw",
+        }
+
+    def args_digest(self) -> str:
+        blob = json.dumps(self.resume_settings(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def parse_key_values(items: list[str] | None, flag: str, *, literal: bool) -> dict:
+    """`key=value` items as upstream: split at the first `=`; optimizer values are Python literals."""
+    result: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SettingsError(f"{flag}: `{item}` is not key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if literal:
+            try:
+                result[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                result[key] = value  # upstream would crash; a plain string is what the user meant
+        else:
+            result[key] = value.strip()
+    return result
+
+
+def _require(ns: argparse.Namespace, name: str, what: str) -> str:
+    value = getattr(ns, name)
+    if not value:
+        raise SettingsError(f"--{name} is required: {what}")
+    return value
+
+
+def _check_network(ns: argparse.Namespace) -> None:
+    module = ns.network_module or "networks.lora_flux"
+    if module != "networks.lora_flux":
+        raise SettingsError(f"--network_module {module}: this trainer only trains networks.lora_flux")
+    if ns.save_model_as != "safetensors":
+        raise SettingsError(f"--save_model_as {ns.save_model_as}: only safetensors is supported")
+    if ns.gradient_accumulation_steps != 1:
+        raise SettingsError("--gradient_accumulation_steps: " "not supported by this trainer (use 1)")
+
+
+def _blocks_to_swap(ns: argparse.Namespace) -> int:
+    if ns.split_mode:
+        if ns.blocks_to_swap is None:
+            log.warning("--split_mode is deprecated: using --blocks_to_swap 18 instead")
+            return 18
+        log.warning("--split_mode is deprecated and ignored because --blocks_to_swap is set")
+    swap = ns.blocks_to_swap or 0
+    if swap < 0:
+        raise SettingsError(f"--blocks_to_swap {swap}: must be 0 or more")
+    return swap
+
+
+def _data(ns: argparse.Namespace) -> DataSettings:
+    if not ns.dataset_config and not ns.train_data_dir:
+        raise SettingsError("--dataset_config (a dataset.toml) or --train_data_dir is required")
+    resolution = None
+    if ns.resolution:
+        parts = [int(p) for p in str(ns.resolution).replace("x", ",").split(",") if p.strip()]
+        resolution = parts if len(parts) == 2 else [parts[0], parts[0]]
+    fallbacks = {
+        "batch_size": ns.train_batch_size,
+        "resolution": resolution,
+        "caption_extension": ns.caption_extention or ns.caption_extension,
+        "keep_tokens": ns.keep_tokens,
+        "caption_prefix": ns.caption_prefix,
+        "caption_suffix": ns.caption_suffix,
+        "flip_aug": ns.flip_aug,
+        "enable_bucket": ns.enable_bucket,
+        "min_bucket_reso": ns.min_bucket_reso,
+        "max_bucket_reso": ns.max_bucket_reso,
+        "bucket_reso_steps": ns.bucket_reso_steps,
+        "bucket_no_upscale": ns.bucket_no_upscale,
+    }
+    cache_te = ns.cache_text_encoder_outputs or ns.cache_text_encoder_outputs_to_disk
+    if ns.persistent_data_loader_workers and ns.max_data_loader_n_workers == 0:
+        log.warning("--persistent_data_loader_workers has no effect with 0 workers")
+    return DataSettings(
+        dataset_config=ns.dataset_config, train_data_dir=ns.train_data_dir, cli_fallbacks=fallbacks,
+        cache_latents_to_disk=ns.cache_latents_to_disk, cache_text_encoder_outputs=cache_te,
+        cache_text_encoder_outputs_to_disk=ns.cache_text_encoder_outputs_to_disk,
+        vae_batch_size=max(1, ns.vae_batch_size), text_encoder_batch_size=ns.text_encoder_batch_size,
+        num_workers=max(0, ns.max_data_loader_n_workers), persistent_workers=ns.persistent_data_loader_workers)
+
+
+def _optimizer(ns: argparse.Namespace) -> OptimizerSettings:
+    te_lr = ns.text_encoder_lr[0] if ns.text_encoder_lr else None
+    return OptimizerSettings(
+        type=ns.optimizer_type or "AdamW", learning_rate=ns.learning_rate, unet_lr=ns.unet_lr, text_encoder_lr=te_lr,
+        args=parse_key_values(ns.optimizer_args, "--optimizer_args", literal=True), scheduler=ns.lr_scheduler,
+        warmup_steps=ns.lr_warmup_steps, decay_steps=ns.lr_decay_steps, num_cycles=ns.lr_scheduler_num_cycles,
+        power=ns.lr_scheduler_power, max_grad_norm=ns.max_grad_norm)
+
+
+def _save(ns: argparse.Namespace) -> SaveSettings:
+    output_dir = Path(_require(ns, "output_dir", "where LoRA files and checkpoints are written"))
+    name = ns.output_name or "last"
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise SettingsError(f"--output_name {name!r}: must be a plain file name")
+    metadata = {k: getattr(ns, f"metadata_{k}") for k in ("title", "author", "description", "license", "tags")}
+    return SaveSettings(
+        output_dir=output_dir, output_name=name, save_precision=ns.save_precision,
+        every_n_epochs=ns.save_every_n_epochs or None, every_n_steps=ns.save_every_n_steps or None,
+        last_n_epochs=ns.save_last_n_epochs, last_n_epochs_state=ns.save_last_n_epochs_state,
+        last_n_steps=ns.save_last_n_steps, last_n_steps_state=ns.save_last_n_steps_state,
+        save_state=ns.save_state, save_state_on_train_end=ns.save_state_on_train_end, resume=ns.resume,
+        no_metadata=ns.no_metadata, training_comment=ns.training_comment,
+        metadata={k: v for k, v in metadata.items() if v is not None})
+
+
+def _sample(ns: argparse.Namespace) -> SampleSettings:
+    def positive(name):
+        value = getattr(ns, name)
+        if value is not None and value <= 0:
+            log.warning("--%s %s is not positive: disabled", name, value)
+            return None
+        return value
+
+    if ns.sample_prompts and not Path(ns.sample_prompts).is_file():
+        raise SettingsError(f"--sample_prompts {ns.sample_prompts}: file not found")
+    return SampleSettings(prompts=ns.sample_prompts, every_n_steps=positive("sample_every_n_steps"),
+                          every_n_epochs=positive("sample_every_n_epochs"), at_first=ns.sample_at_first)
+
+
+def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
+    _check_network(ns)
+    fp8_base = ns.fp8_base or ns.fp8_base_unet
+    if fp8_base and ns.mixed_precision == "no":
+        raise SettingsError("--fp8_base needs --mixed_precision bf16 or fp16 (fp8 weights compute in that dtype)")
+    network_args = parse_key_values(ns.network_args, "--network_args", literal=False)
+    dim = ns.network_dim if ns.network_dim is not None else 4
+    model = ModelSettings(
+        dit_path=_require(ns, "pretrained_model_name_or_path", "the FLUX DiT (flux1-dev.sft or a diffusers folder)"),
+        clip_l_path=_require(ns, "clip_l", "CLIP-L weights (clip_l.safetensors)"),
+        t5xxl_path=_require(ns, "t5xxl", "T5-XXL weights (t5xxl_fp16.safetensors)"),
+        ae_path=_require(ns, "ae", "autoencoder weights (ae.sft)"),
+        tokenizer_cache_dir=ns.tokenizer_cache_dir, fp8_base=fp8_base, fp8_base_unet=ns.fp8_base_unet,
+        disable_mmap=ns.disable_mmap_load_safetensors, t5xxl_max_token_length=ns.t5xxl_max_token_length,
+        apply_t5_attn_mask=ns.apply_t5_attn_mask)
+    flow = FlowSettings(
+        timestep_sampling=ns.timestep_sampling, sigmoid_scale=ns.sigmoid_scale,
+        discrete_flow_shift=ns.discrete_flow_shift, model_prediction_type=ns.model_prediction_type,
+        weighting_scheme=ns.weighting_scheme, logit_mean=ns.logit_mean, logit_std=ns.logit_std,
+        mode_scale=ns.mode_scale, guidance_scale=ns.guidance_scale, loss_type=ns.loss_type)
+    guards = GuardSettings(
+        dataloader_timeout=ns.dataloader_timeout, block_swap_timeout=ns.block_swap_timeout,
+        cache_io_timeout=ns.cache_io_timeout, sample_timeout=ns.sample_timeout, save_timeout=ns.save_timeout,
+        stall_dump_timeout=ns.stall_dump_timeout, ddp_timeout_minutes=ns.ddp_timeout)
+    seed = ns.seed if ns.seed is not None else 42
+    if ns.seed is None:
+        log.info("--seed not given: using 42 so that a resumed run can reproduce the data order")
+    run = RunSettings(
+        seed=seed, mixed_precision=ns.mixed_precision, gradient_checkpointing=ns.gradient_checkpointing,
+        max_train_steps=ns.max_train_steps, max_train_epochs=ns.max_train_epochs,
+        blocks_to_swap=_blocks_to_swap(ns), batch_size=ns.train_batch_size)
+    network = NetworkSettings(module="networks.lora_flux", dim=dim, alpha=ns.network_alpha, args=network_args,
+                              train_unet_only=ns.network_train_unet_only, weights=ns.network_weights)
+    return TrainSettings(model=model, data=_data(ns), network=network, optimizer=_optimizer(ns), flow=flow,
+                         save=_save(ns), sample=_sample(ns), guards=guards, run=run, raw=dict(vars(ns)))
+
+
+def total_steps(max_train_steps: int, max_train_epochs: int | None, batches_per_epoch: int) -> tuple[int, int]:
+    """(max_train_steps, num_epochs) with upstream's rule: epochs override steps."""
+    if max_train_epochs:
+        steps = max_train_epochs * batches_per_epoch
+        return steps, max_train_epochs
+    return max_train_steps, math.ceil(max_train_steps / max(1, batches_per_epoch))
+
+
+def describe(settings: TrainSettings) -> dict:
+    return asdict(settings)

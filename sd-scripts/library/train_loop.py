@@ -1,0 +1,258 @@
+"""The training loop: data cursor, one optimizer step, sampling and save cadence.
+
+The data order is a pure function of (seed, epoch) and the noise/timesteps of step N are
+drawn from a generator seeded with (seed, N). Together with the restored LoRA weights and
+optimizer state, that is why a resumed run reproduces an uninterrupted one bit for bit
+without replaying any data through the model.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from library.fault_injection import inject_point
+from library.flow_matching import apply_prediction_type, flow_loss, sample_noised
+from library.hang_guards import HINTS
+
+log = logging.getLogger(__name__)
+STEP_SEED_STRIDE = 1_000_003  # keeps per-step generator seeds of different runs apart
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Batches from the trainer's position onward, epoch by epoch, for this process's shard."""
+
+    def __init__(self, dataset, *, start_epoch: int, start_batch: int, num_epochs: int, rank: int, world: int,
+                 batches_per_epoch: int):
+        self.dataset, self.start_epoch, self.start_batch = dataset, start_epoch, start_batch
+        self.num_epochs, self.rank, self.world = num_epochs, rank, world
+        self.batches_per_epoch = batches_per_epoch
+
+    def epoch_batches(self, epoch: int) -> list:
+        batches = self.dataset.batches_for_epoch(epoch)
+        shard = batches[self.rank::self.world]
+        while len(shard) < self.batches_per_epoch:  # uneven split: repeat so every rank steps together
+            shard.append(shard[len(shard) % max(1, len(shard))] if shard else batches[0])
+        return shard
+
+    def __iter__(self) -> Iterator[list]:
+        for epoch in range(self.start_epoch, self.num_epochs):
+            first = self.start_batch if epoch == self.start_epoch else 0
+            yield from self.epoch_batches(epoch)[first:]
+
+    def __len__(self) -> int:
+        total = (self.num_epochs - self.start_epoch) * self.batches_per_epoch - self.start_batch
+        return max(0, total)
+
+
+def make_loader(trainer) -> torch.utils.data.DataLoader:
+    s = trainer.s
+    workers = min(s.data.num_workers, len(trainer.dataset.items))
+    sampler = ResumableBatchSampler(
+        trainer.dataset, start_epoch=trainer.pos.epoch, start_batch=trainer.pos.batch_in_epoch,
+        num_epochs=trainer.num_epochs, rank=trainer.accelerator.process_index,
+        world=trainer.accelerator.num_processes, batches_per_epoch=trainer.batches_per_epoch)
+    kwargs = {}
+    if workers > 0:
+        # FIX: a DataLoader worker that never answers used to block training forever with the GPU at 0 %;
+        # the timeout turns it into an error naming the phase (see HangGuards "dataloader").
+        kwargs["timeout"] = s.guards.dataloader_timeout or 0
+        kwargs["persistent_workers"] = s.data.persistent_workers
+    return torch.utils.data.DataLoader(
+        trainer.dataset, batch_sampler=sampler, collate_fn=trainer.dataset.collate, num_workers=workers,
+        pin_memory=trainer.device.type == "cuda", **kwargs)
+
+
+def next_batch(trainer, iterator) -> dict | None:
+    """The next batch, with every wait bounded (workers: DataLoader timeout; no workers: our deadline)."""
+    bound = trainer.s.guards.dataloader_timeout
+    backstop = bound + 15 if bound else None
+    try:
+        with trainer.guards.deadline("dataloader", backstop, hint=HINTS["dataloader"]):
+            return next(iterator)
+    except StopIteration:
+        return None
+    except RuntimeError as exc:
+        if "DataLoader timed out" in str(exc) or "timed out after" in str(exc):
+            trainer.guards.fire_from_exception("dataloader", exc)
+        raise
+
+
+def text_conditioning(trainer, batch: dict) -> dict:
+    """T5 states and CLIP pooled vector for a batch: from the cache, or encoded now."""
+    device, dtype = trainer.device, trainer.weight_dtype
+    captions = batch["captions"]
+    if "t5_out" in batch:
+        cond = {k: batch[k] for k in ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask")}
+    else:
+        with torch.no_grad():
+            cond = trainer.text_encoder.encode(captions)
+    if trainer.train_clip:
+        tokens = trainer.text_encoder.tokenize(captions)
+        cond["l_pooled"] = trainer.text_encoder.encode_clip(tokens["clip_ids"].to(device))
+    return {k: v.to(device) if k == "t5_attn_mask" else v.to(device, dtype) for k, v in cond.items()}
+
+
+def attention_mask(trainer, t5_mask: torch.Tensor, image_tokens: int) -> dict | None:
+    if not trainer.s.model.apply_t5_attn_mask:
+        return None
+    img = torch.ones(t5_mask.shape[0], image_tokens, dtype=torch.bool, device=t5_mask.device)
+    mask = torch.cat([t5_mask.bool(), img], dim=1)[:, None, None, :]
+    return {"attention_mask": mask}
+
+
+def training_step(trainer, batch: dict) -> float:
+    from library.flux_packing import image_ids, pack_latents, unpack_latents
+
+    inject_point("step")
+    s, device, dtype = trainer.s, trainer.device, trainer.weight_dtype
+    latents = batch["latents"].to(device, dtype)
+    b, _, h, w = latents.shape
+    generator = torch.Generator().manual_seed(s.run.seed * STEP_SEED_STRIDE + trainer.pos.step
+                                              + trainer.accelerator.process_index * 7919)
+    noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+    noised = sample_noised(latents, noise, s.flow, generator)
+    cond = text_conditioning(trainer, batch)
+    packed = pack_latents(noised.noisy)
+    img_ids = image_ids(h, w, b, device, dtype)
+    guidance = None
+    if trainer.transformer.config.guidance_embeds:
+        guidance = torch.full((b,), s.flow.guidance_scale, device=device, dtype=torch.float32)
+    if trainer.block_swapper is not None:
+        trainer.block_swapper.prepare_block_devices_before_forward()
+    with trainer.accelerator.autocast():
+        pred = trainer.transformer(
+            hidden_states=packed, encoder_hidden_states=cond["t5_out"], pooled_projections=cond["l_pooled"],
+            timestep=(noised.timesteps / 1000).to(device, dtype), img_ids=img_ids, txt_ids=cond["txt_ids"][0],
+            guidance=guidance, joint_attention_kwargs=attention_mask(trainer, cond["t5_attn_mask"], packed.shape[1]),
+            return_dict=False)[0]
+    pred = unpack_latents(pred.float(), h, w)
+    pred, weighting = apply_prediction_type(pred, noised, s.flow)
+    loss = flow_loss(pred, (noise - latents).float(), s.flow.loss_type, weighting)
+    trainer.accelerator.backward(loss)
+    sync_gradients(trainer)
+    if s.optimizer.max_grad_norm:
+        trainer.accelerator.clip_grad_norm_(trainer.trainable_params, s.optimizer.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return loss.detach().item()
+
+
+def sync_gradients(trainer) -> None:
+    """Average LoRA gradients across processes (the network's forward is never called, so DDP can't)."""
+    if trainer.accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for param in trainer.trainable_params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        param.grad /= trainer.accelerator.num_processes
+
+
+def maybe_sample(trainer, *, at_epoch_end: bool, first: bool = False) -> None:
+    sample = trainer.s.sample
+    if not sample.enabled:
+        return
+    step = trainer.pos.step
+    due = (first and sample.at_first) or (
+        at_epoch_end and sample.every_n_epochs and trainer.pos.epoch % sample.every_n_epochs == 0) or (
+        not at_epoch_end and not first and not sample.every_n_epochs and sample.every_n_steps
+        and step % sample.every_n_steps == 0)
+    if not due:
+        return
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        generate_samples(trainer)
+    trainer.accelerator.wait_for_everyone()
+
+
+def generate_samples(trainer) -> None:
+    from library import sampling
+
+    previous = trainer.phase
+    trainer.set_phase("sampling", f"sample images at step {trainer.pos.step}")
+    print(f"generating sample images at step: {trainer.pos.step}")
+    trainer.ae.to(trainer.device)
+
+    def guard(index: int):
+        return trainer.guards.deadline("sample", trainer.s.guards.sample_timeout, hint=HINTS["sample"])
+
+    with torch.no_grad():
+        sampling.generate_samples(
+            transformer=trainer.transformer, ae=trainer.ae, encode_prompt=lambda p: trainer.sample_embeds[p],
+            prompts=trainer.sample_prompts, output_dir=trainer.s.save.output_dir,
+            output_name=trainer.s.save.output_name, step=trainer.pos.step, device=trainer.device,
+            dtype=trainer.weight_dtype, is_schnell=trainer.model_info.is_schnell, per_image_guard=guard)
+    trainer.ae.to("cpu")
+    trainer.set_phase(previous)
+
+
+def run_training_loop(trainer) -> None:
+    s, pos = trainer.s, trainer.pos
+    if pos.step >= trainer.max_train_steps:
+        print(f"already trained {pos.step} of {trainer.max_train_steps} steps: nothing left to do")
+        return
+    print_run_summary(trainer)
+    trainer.set_phase("training", "training")
+    trainer.heartbeat.set_totals(trainer.max_train_steps, trainer.num_epochs)
+    maybe_sample(trainer, at_epoch_end=False, first=pos.step == 0)
+    trainer.transformer.train()
+    loader = make_loader(trainer)
+    iterator = iter(loader)
+    bar = tqdm(total=trainer.max_train_steps, initial=pos.step, desc="steps", smoothing=0, file=sys.stderr,
+               disable=not trainer.accelerator.is_main_process)
+    losses: list[float] = []
+    current_epoch = None
+    while pos.step < trainer.max_train_steps:
+        if current_epoch != pos.epoch:
+            current_epoch = pos.epoch
+            print(f"\nepoch {pos.epoch + 1}/{trainer.num_epochs}", flush=True)
+        batch = next_batch(trainer, iterator)
+        if batch is None:
+            break
+        loss = training_step(trainer, batch)
+        pos.step += 1
+        pos.batch_in_epoch += 1
+        losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(avr_loss=sum(losses[-100:]) / len(losses[-100:]))
+        trainer.record_loss(loss)
+        trainer.heartbeat.step(pos.step, pos.epoch + 1)
+        trainer.guards.progress()
+        after_step(trainer)
+        if pos.batch_in_epoch >= trainer.batches_per_epoch:
+            end_epoch(trainer)
+    bar.close()
+
+
+def after_step(trainer) -> None:
+    s, pos = trainer.s, trainer.pos
+    maybe_sample(trainer, at_epoch_end=False)
+    if s.save.every_n_steps and pos.step % s.save.every_n_steps == 0 and pos.step < trainer.max_train_steps:
+        trainer.save_checkpoint(kind="step", with_state=s.save.save_state)
+
+
+def end_epoch(trainer) -> None:
+    s, pos = trainer.s, trainer.pos
+    pos.epoch += 1
+    pos.batch_in_epoch = 0
+    trainer.accelerator.wait_for_everyone()
+    every = s.save.every_n_epochs
+    if every and pos.epoch % every == 0 and pos.epoch < trainer.num_epochs:
+        trainer.save_checkpoint(kind="epoch", with_state=s.save.save_state)
+    maybe_sample(trainer, at_epoch_end=True)
+
+
+def print_run_summary(trainer) -> None:
+    print("running training")
+    print(f"  num train images * repeats: {len(trainer.dataset.items)}")
+    print(f"  num batches per epoch: {trainer.batches_per_epoch}")
+    print(f"  num epochs: {trainer.num_epochs}")
+    print(f"  total optimization steps: {trainer.max_train_steps}")
+    sys.stdout.flush()
