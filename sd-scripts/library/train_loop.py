@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+from library.dataset import collate
 from library.fault_injection import inject_point
 from library.flow_matching import apply_prediction_type, flow_loss, sample_noised
 from library.hang_guards import HINTS
@@ -62,7 +63,7 @@ def make_loader(trainer) -> torch.utils.data.DataLoader:
         kwargs["timeout"] = s.guards.dataloader_timeout or 0
         kwargs["persistent_workers"] = s.data.persistent_workers
     return torch.utils.data.DataLoader(
-        trainer.dataset, batch_sampler=sampler, collate_fn=trainer.dataset.collate, num_workers=workers,
+        trainer.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
         pin_memory=trainer.device.type == "cuda", **kwargs)
 
 
@@ -251,7 +252,7 @@ def end_epoch(trainer) -> None:
 
 def print_run_summary(trainer) -> None:
     print("running training")
-    print(f"  num train images * repeats: {len(trainer.dataset.items)}")
+    print(f"  num train images * repeats: {trainer.dataset.num_train_images}")
     print(f"  num batches per epoch: {trainer.batches_per_epoch}")
     print(f"  num epochs: {trainer.num_epochs}")
     print(f"  total optimization steps: {trainer.max_train_steps}")

@@ -283,7 +283,7 @@ class FluxLoRATrainer:
         self.trainable_params = [p for p in self.accelerator.unwrap_model(self.network).parameters()
                                  if p.requires_grad]
         self.base_metadata = metadata.build_training_metadata(
-            self.s, optimizer_name=self.optimizer_name, num_train_images=len(self.dataset.items),
+            self.s, optimizer_name=self.optimizer_name, num_train_images=self.dataset.num_train_images,
             num_batches_per_epoch=self.batches_per_epoch, num_epochs=self.num_epochs,
             max_train_steps=self.max_train_steps, is_schnell=self.model_info.is_schnell,
             datasets=self.describe_datasets(), repo_dir=REPO_DIR)
