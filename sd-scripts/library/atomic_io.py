@@ -86,8 +86,9 @@ class FsOps:
 class CountingFsOps(FsOps):
     """Counts operations and raises FsCrash at operation number `crash_at` (1-based); for crash-point tests."""
 
-    def __init__(self, crash_at: int | None = None):
+    def __init__(self, crash_at: int | None = None, *, real_fsync: bool = True):
         self.crash_at = crash_at
+        self.real_fsync = real_fsync  # False: count fsyncs but skip them (fast tests; no power loss simulated)
         self.count = 0
         self.log: list[tuple[str, str]] = []
 
@@ -103,6 +104,16 @@ class CountingFsOps(FsOps):
             with open(path, "wb") as fh:
                 fh.write(data[: len(data) // 2])
         super().write_bytes(path, data)
+
+    def fsync_file(self, path: Path) -> None:
+        if self.real_fsync:
+            return super().fsync_file(path)
+        self.tick("fsync", path)
+
+    def fsync_dir(self, path: Path) -> None:
+        if self.real_fsync:
+            return super().fsync_dir(path)
+        self.tick("fsync_dir", path)
 
 
 fs_ops: FsOps = FsOps()

@@ -270,6 +270,13 @@ def validate_state_dir(path: Path) -> CheckpointInfo:
     return _validate_probed_state(_probe_state(path))
 
 
+def is_complete_staged(path: Path) -> bool:
+    """For promoting an interrupted save's temp folder: only with our manifest (an upstream-style check would
+    accept a temp folder whose data files are all written but whose manifest is not)."""
+    info = validate_state_dir(path)
+    return info.valid and info.has_manifest
+
+
 def validate_lora_file(path: Path) -> CheckpointInfo:
     path = Path(path)
     parsed = parse_name(path.name, "model")
