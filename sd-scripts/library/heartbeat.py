@@ -1,0 +1,119 @@
+"""Heartbeat file: where the trainer is, written so a monitor can read it at any moment.
+
+Responsibilities: keep the current phase/step/epoch in memory, write it to
+`OUTPUT_DIR/heartbeat.json` atomically (temp file + os.replace) on every phase change and step,
+and read it back for tools. Stdlib only (the monitor imports it); I/O errors are logged once and
+never raised, because losing a heartbeat must never stop training.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FILE_NAME = "heartbeat.json"
+VERSION = 1
+PHASES = ("loading", "caching_latents", "caching_text", "training", "sampling", "saving", "done", "failed")
+
+
+class Heartbeat:
+    """Writes `heartbeat.json`; every public method updates the state and replaces the file.
+
+    Only call it from progress points of the training loop itself (not a background timer): a
+    heartbeat that keeps beating while the loop is stuck would hide the hang from a monitor.
+    `min_interval` (seconds) lets step() skip writes when steps are very fast; phase changes,
+    checkpoints, failed() and done() always write.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, pid: int | None = None, min_interval: float = 0.0):
+        self.path = Path(output_dir) / FILE_NAME
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # reported by the first write instead
+        self._min_interval = float(min_interval)
+        self._lock = threading.Lock()  # the hang watchdog may call failed() from its own thread
+        self._warned = False
+        self._last_write = 0.0
+        now = time.time()
+        self._state: dict[str, Any] = {
+            "version": VERSION,
+            "pid": int(pid if pid is not None else os.getpid()),
+            "phase": "loading",
+            "step": 0,
+            "total_steps": 0,
+            "epoch": 0,
+            "total_epochs": 0,
+            "time": now,
+            "phase_started": now,
+            "last_checkpoint": None,
+            "message": "",
+        }
+
+    # -- state updates -------------------------------------------------------------------------
+    def set_totals(self, total_steps: int, total_epochs: int) -> None:
+        self._update(total_steps=int(total_steps), total_epochs=int(total_epochs))
+
+    def phase(self, name: str, message: str = "") -> None:
+        if name not in PHASES:
+            raise ValueError(f"heartbeat phase {name!r} is not one of {', '.join(PHASES)}")
+        self._update(phase=name, phase_started=time.time(), message=message)
+
+    def step(self, step: int, epoch: int) -> None:
+        self._update(step=int(step), epoch=int(epoch), _throttle=True)
+
+    def checkpoint(self, path: str | os.PathLike) -> None:
+        self._update(last_checkpoint=str(path))
+
+    def failed(self, message: str) -> None:
+        self._update(phase="failed", phase_started=time.time(), message=message)
+
+    def done(self) -> None:
+        self._update(phase="done", phase_started=time.time(), message="")
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the current state (what the file says, or would say after the next write)."""
+        with self._lock:
+            return dict(self._state)
+
+    # -- writing -------------------------------------------------------------------------------
+    def _update(self, _throttle: bool = False, **changes: Any) -> None:
+        with self._lock:
+            self._state.update(changes)
+            now = time.time()
+            self._state["time"] = now
+            if _throttle and self._min_interval > 0 and now - self._last_write < self._min_interval:
+                return
+            self._last_write = now
+            self._write_locked()
+
+    def _write_locked(self) -> None:
+        # Same directory as the target so os.replace is an atomic rename; pid in the name so two
+        # processes sharing an output dir (DDP misconfiguration) never write into each other's temp.
+        tmp = self.path.with_name(f".{FILE_NAME}.tmp-{os.getpid()}")
+        try:
+            data = json.dumps(self._state, sort_keys=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+        except (OSError, TypeError, ValueError) as e:
+            if not self._warned:  # once: a full disk would otherwise flood the log every step
+                self._warned = True
+                logger.warning("could not write heartbeat file %s: %s (training continues)", self.path, e)
+
+
+def read_heartbeat(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The last heartbeat written in `output_dir`, or None when missing or unreadable."""
+    path = Path(output_dir) / FILE_NAME
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
