@@ -1,0 +1,290 @@
+"""Training items, aspect-ratio buckets and deterministic, resumable epoch batches.
+
+- `build_dataset`: one `ImageItem` per image (caption file or class_tokens, prefix/suffix, bucket).
+- Buckets: fixed resolution (cover + center crop) or aspect-ratio buckets, all sides multiples of 16.
+- `TrainDataset.batches_for_epoch(epoch)` depends only on (seed, epoch), so `EpochBatchSampler` can
+  resume mid-epoch at a batch index with nothing replayed; `__getitem__` reads cached latents/TE outputs.
+- `load_image_tensor` gives the resized/cropped image that latent caching encodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from library.dataset_config import IMAGE_EXTENSIONS, DatasetBlueprint, SubsetBlueprint
+from library.fault_injection import inject_point
+
+logger = logging.getLogger(__name__)
+
+TE_KEYS = ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask")
+_LIST_LIMIT = 20  # how many file names a warning lists before "... and N more"
+
+
+class DatasetError(ValueError):
+    """The images/captions on disk cannot be used as a dataset; the message names the files."""
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    image_path: Path
+    caption: str
+    bucket_reso: tuple[int, int]  # (width, height) the image is resized/cropped to
+    original_size: tuple[int, int]  # (width, height) on disk
+    flip_aug: bool
+    num_repeats: int
+    dataset_index: int = 0
+    batch_size: int = 1
+
+
+def _name_list(paths: Sequence[Path]) -> str:
+    names = [str(p) for p in paths[:_LIST_LIMIT]]
+    more = len(paths) - len(names)
+    return ", ".join(names) + (f" ... and {more} more" if more else "")
+
+
+# ---------------------------------------------------------------- buckets and resizing
+
+
+def make_buckets(resolution: tuple[int, int], min_reso: int, max_reso: int, steps: int) -> list[tuple[int, int]]:
+    """All (w, h) with sides in [min_reso, max_reso], multiples of `steps`, area <= resolution's area."""
+    max_area = resolution[0] * resolution[1]
+    buckets = set()
+    for width in range(min_reso, max_reso + 1, steps):
+        height = min(max_reso, (max_area // width) // steps * steps)
+        if height >= min_reso:
+            buckets.update({(width, height), (height, width)})
+    side = min(max_reso, math.isqrt(max_area) // steps * steps)
+    if side >= min_reso:
+        buckets.add((side, side))
+    return sorted(buckets)
+
+
+def _nearest_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    aspect = math.log(size[0] / size[1])
+    # closest aspect ratio; among equals the larger area keeps more detail
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+
+
+def _no_upscale_bucket(size: tuple[int, int], bp: DatasetBlueprint) -> tuple[int, int]:
+    max_area = bp.resolution[0] * bp.resolution[1]
+    scale = min(1.0, math.sqrt(max_area / (size[0] * size[1])))
+    steps = bp.bucket_reso_steps
+    w, h = (max(steps, min(bp.max_bucket_reso, int(v * scale) // steps * steps)) for v in size)
+    return w, h
+
+
+def bucket_for(size: tuple[int, int], bp: DatasetBlueprint, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    if not bp.enable_bucket:
+        return bp.resolution
+    if bp.bucket_no_upscale:
+        return _no_upscale_bucket(size, bp)
+    return _nearest_bucket(size, buckets)
+
+
+def resize_plan(original_size: tuple[int, int], bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Resize so the image covers the bucket (aspect kept), then center-crop: ((rw, rh), (l, t, r, b))."""
+    (ow, oh), (bw, bh) = original_size, bucket
+    scale = max(bw / ow, bh / oh)
+    rw, rh = max(bw, round(ow * scale)), max(bh, round(oh * scale))
+    left, top = (rw - bw) // 2, (rh - bh) // 2
+    return (rw, rh), (left, top, left + bw, top + bh)
+
+
+def load_image_tensor(item: ImageItem, *, flip: bool = False) -> torch.Tensor:
+    """The item's image resized/cropped to its bucket as float32 [3, H, W] in [-1, 1]."""
+    (rw, rh), crop = resize_plan(item.original_size, item.bucket_reso)
+    try:
+        with Image.open(item.image_path) as img:
+            img = img.convert("RGB")
+            if img.size != (rw, rh):
+                img = img.resize((rw, rh), Image.Resampling.LANCZOS)
+            img = img.crop(crop)
+    except OSError as exc:
+        raise DatasetError(f"cannot read image {item.image_path}: {exc}") from exc
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+    return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+# ---------------------------------------------------------------- building items
+
+
+def _read_caption(image: Path, ext: str) -> str | None:
+    path = image.with_name(image.stem + ext)
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read caption file {path} as UTF-8: {exc}") from exc
+    lines = text.strip().splitlines()
+    # as upstream: the first line is the caption
+    return lines[0].strip() if lines else None
+
+
+def _subset_items(sub: SubsetBlueprint, bp: DatasetBlueprint, ds_index: int, buckets, uncaptioned: list) -> list:
+    images = sorted(p for p in sub.image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    items, missing = [], []
+    for path in images:
+        caption = _read_caption(path, sub.caption_extension)
+        if caption is None:
+            if not sub.class_tokens:
+                missing.append(path)
+                continue
+            uncaptioned.append(path)
+            caption = sub.class_tokens
+        if sub.caption_prefix:
+            caption = f"{sub.caption_prefix} {caption}"
+        if sub.caption_suffix:
+            caption = f"{caption} {sub.caption_suffix}"
+        try:
+            with Image.open(path) as img:
+                size = img.size  # header only
+        except OSError as exc:
+            raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        items.append(ImageItem(path, caption, bucket_for(size, bp, buckets), size, sub.flip_aug,
+                               sub.num_repeats, ds_index, bp.batch_size))
+    if missing:
+        raise DatasetError(
+            f"no caption file ({sub.caption_extension}) and no class_tokens for {len(missing)} image(s) in "
+            f"{sub.source}: {_name_list(missing)}. Add caption files or set class_tokens"
+        )
+    return items
+
+
+def build_dataset(blueprints: Sequence[DatasetBlueprint], *, seed: int) -> "TrainDataset":
+    items: list[ImageItem] = []
+    uncaptioned: list[Path] = []
+    for ds_index, bp in enumerate(blueprints):
+        buckets = []
+        if bp.enable_bucket and not bp.bucket_no_upscale:
+            buckets = make_buckets(bp.resolution, bp.min_bucket_reso, bp.max_bucket_reso, bp.bucket_reso_steps)
+            if not buckets:
+                raise DatasetError(
+                    f"no bucket fits resolution {bp.resolution} with min_bucket_reso {bp.min_bucket_reso} in "
+                    f"{bp.source}; lower min_bucket_reso or raise resolution"
+                )
+        for sub in bp.subsets:
+            items.extend(_subset_items(sub, bp, ds_index, buckets, uncaptioned))
+    if uncaptioned:
+        logger.warning("%d image(s) have no caption file; using class_tokens for: %s",
+                       len(uncaptioned), _name_list(uncaptioned))
+    if not items:
+        raise DatasetError("the dataset has no images")
+    return TrainDataset(items, seed=seed)
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+def _flip_choice(seed: int, epoch: int, index: int) -> bool:
+    # a hash, not an RNG stream: the choice must not depend on which worker or in which order it is asked
+    return bool(hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()[0] & 1)
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Indexed by `(epoch, item_index)` tuples produced by `batches_for_epoch`."""
+
+    def __init__(self, items: Sequence[ImageItem], *, seed: int):
+        self.items = list(items)
+        self.seed = int(seed)
+        self.latent_cache = None
+        self.te_cache = None
+        self._groups: dict[tuple, list[int]] = {}
+        for index, item in enumerate(self.items):
+            self._groups.setdefault((item.dataset_index, item.bucket_reso), []).append(index)
+        self.num_batches_per_epoch = sum(
+            math.ceil(sum(self.items[i].num_repeats for i in idx) / self.items[idx[0]].batch_size)
+            for idx in self._groups.values()
+        )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_train_images(self) -> int:
+        """Images times repeats: what one epoch shows the model."""
+        return sum(item.num_repeats for item in self.items)
+
+    @property
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        counts: dict[tuple[int, int], int] = {}
+        for item in self.items:
+            counts[item.bucket_reso] = counts.get(item.bucket_reso, 0) + item.num_repeats
+        return dict(sorted(counts.items()))
+
+    def batches_for_epoch(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """Every batch of `epoch` in order; a pure function of (seed, epoch)."""
+        rng = np.random.default_rng([self.seed % 2**63, int(epoch)])
+        batches = []
+        for key in sorted(self._groups):  # sorted: dict order must not leak into the result
+            indices = [i for i in self._groups[key] for _ in range(self.items[i].num_repeats)]
+            shuffled = [indices[k] for k in rng.permutation(len(indices))]
+            size = self.items[indices[0]].batch_size
+            batches += [[(epoch, i) for i in shuffled[s:s + size]] for s in range(0, len(shuffled), size)]
+        return [batches[k] for k in rng.permutation(len(batches))]
+
+    def is_flipped(self, epoch: int, index: int) -> bool:
+        return self.items[index].flip_aug and _flip_choice(self.seed, epoch, index)
+
+    def set_caches(self, latents, te=None) -> None:
+        """latents: object with `latents_for(index, flipped) -> ndarray`; te: `outputs_for(index) -> dict`."""
+        self.latent_cache = latents
+        self.te_cache = te
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        inject_point("dataloader")
+        epoch, index = key
+        if self.latent_cache is None:
+            raise RuntimeError("TrainDataset: latents are not cached; call caching.cache_latents and set_caches first")
+        flipped = self.is_flipped(epoch, index)
+        sample = {
+            "index": index,
+            "caption": self.items[index].caption,
+            "flipped": flipped,
+            "latents": torch.from_numpy(np.asarray(self.latent_cache.latents_for(index, flipped), dtype=np.float32)),
+        }
+        if self.te_cache is not None:
+            for name, value in self.te_cache.outputs_for(index).items():
+                sample[name] = torch.from_numpy(np.asarray(value))
+        return sample
+
+
+def collate(samples: Sequence[dict]) -> dict:
+    """Stack one bucket's samples: latents [B,16,h,w] f32, captions, and the TE outputs when cached."""
+    batch = {
+        "latents": torch.stack([s["latents"] for s in samples]),
+        "captions": [s["caption"] for s in samples],
+        "indices": [s["index"] for s in samples],
+        "flipped": [s["flipped"] for s in samples],
+    }
+    for name in TE_KEYS:
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
+    return batch
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of one epoch starting at `start_batch`; pass as `batch_sampler=` to a DataLoader."""
+
+    def __init__(self, dataset: TrainDataset, epoch: int, start_batch: int = 0):
+        self.batches = dataset.batches_for_epoch(epoch)
+        if not 0 <= start_batch <= len(self.batches):
+            raise ValueError(f"start_batch {start_batch} is outside epoch {epoch} (0..{len(self.batches)} batches)")
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches[self.start_batch:])
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.start_batch

@@ -1,0 +1,361 @@
+"""Read `dataset.toml` / `.json` (sd-scripts layout) into validated dataset blueprints.
+
+- Layout `[general]` -> `[[datasets]]` -> `[[datasets.subsets]]`; every value is looked up
+  subset -> dataset -> general -> command line -> default, first value that is not None wins.
+- Keys upstream knows but this trainer does not implement are refused when set to a non-default value;
+  unknown keys are refused; every error names the key and the file.
+- Also builds blueprints from a kohya `--train_data_dir` with `<repeats>_<name>` folders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+RESOLUTION_MULTIPLE = 16  # latents are /8 and FLUX packs 2x2 latent patches
+
+
+class DatasetConfigError(ValueError):
+    """A dataset config (or the command-line values feeding it) cannot be used; the message says where."""
+
+
+@dataclass(frozen=True)
+class SubsetBlueprint:
+    image_dir: Path
+    num_repeats: int = 1
+    class_tokens: str | None = None
+    caption_extension: str = ".caption"
+    keep_tokens: int = 0  # accepted for compatibility; only matters with shuffle_caption, which is off
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    flip_aug: bool = False
+    source: str = ""  # where this subset was defined, for messages
+
+
+@dataclass(frozen=True)
+class DatasetBlueprint:
+    subsets: tuple[SubsetBlueprint, ...]
+    resolution: tuple[int, int]  # (width, height), multiples of 16
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    source: str = ""
+
+
+# Supported keys: name -> (kind, default). Dataset keys live in [general]/[[datasets]]; subset keys
+# anywhere; image_dir only in a subset (as upstream).
+DATASET_KEYS: dict[str, tuple[str, Any]] = {
+    "resolution": ("resolution", None),
+    "batch_size": ("pos_int", 1),
+    "enable_bucket": ("bool", False),
+    "min_bucket_reso": ("pos_int", 256),
+    "max_bucket_reso": ("pos_int", 1024),
+    "bucket_reso_steps": ("pos_int", 64),
+    "bucket_no_upscale": ("bool", False),
+}
+SUBSET_KEYS: dict[str, tuple[str, Any]] = {
+    "num_repeats": ("pos_int", 1),
+    "class_tokens": ("str", None),
+    "caption_extension": ("str", ".caption"),
+    "keep_tokens": ("nonneg_int", 0),
+    "caption_prefix": ("str", None),
+    "caption_suffix": ("str", None),
+    "flip_aug": ("bool", False),
+    "caption_separator": ("str", ","),  # only used by shuffling, which is off
+    "cache_info": ("bool", False),  # upstream's metadata cache; nothing to cache here
+}
+SUBSET_ONLY_KEYS: dict[str, tuple[str, Any]] = {"image_dir": ("str", None)}
+
+# Keys upstream understands that we do not implement: allowed only at their default value.
+UNSUPPORTED_DATASET_KEYS = {
+    "network_multiplier": 1.0,
+    "validation_split": 0.0,
+    "validation_seed": None,
+    "resize_interpolation": None,
+}
+UNSUPPORTED_SUBSET_KEYS = {
+    "shuffle_caption": False,
+    "keep_tokens_separator": "",
+    "secondary_separator": None,
+    "enable_wildcard": False,
+    "token_warmup_min": 1,
+    "token_warmup_step": 0,
+    "color_aug": False,
+    "random_crop": False,
+    "face_crop_aug_range": None,
+    "caption_dropout_rate": 0.0,
+    "caption_dropout_every_n_epochs": 0,
+    "caption_tag_dropout_rate": 0.0,
+}
+UNSUPPORTED_SUBSET_ONLY_KEYS = {
+    "is_reg": False,
+    "alpha_mask": False,
+    "metadata_file": None,
+    "conditioning_data_dir": None,
+    "custom_attributes": None,
+}
+
+_LEVEL_KEYS = {
+    "general": set(DATASET_KEYS) | set(SUBSET_KEYS) | set(UNSUPPORTED_DATASET_KEYS) | set(UNSUPPORTED_SUBSET_KEYS),
+    "dataset": set(DATASET_KEYS) | set(SUBSET_KEYS) | set(UNSUPPORTED_DATASET_KEYS) | set(UNSUPPORTED_SUBSET_KEYS),
+    "subset": set(SUBSET_KEYS)
+    | set(SUBSET_ONLY_KEYS)
+    | set(UNSUPPORTED_SUBSET_KEYS)
+    | set(UNSUPPORTED_SUBSET_ONLY_KEYS),
+}
+_UNSUPPORTED = {**UNSUPPORTED_DATASET_KEYS, **UNSUPPORTED_SUBSET_KEYS, **UNSUPPORTED_SUBSET_ONLY_KEYS}
+_ALL_KNOWN = set(DATASET_KEYS) | set(SUBSET_KEYS) | set(SUBSET_ONLY_KEYS) | set(_UNSUPPORTED)
+# upstream argparse dests that map to dataset keys (config_util does the same renaming)
+_CLI_ALIASES = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if value is None:
+        return True
+    if default is None:
+        return value in ({}, [], "")
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value is default or value == default
+    return value == default
+
+
+def parse_resolution(value: Any, where: str) -> tuple[int, int] | None:
+    """int -> square; [w, h] / (w, h) / "w,h" / "n" -> (w, h)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            value = [int(p) for p in parts]
+        except ValueError:
+            raise DatasetConfigError(f"resolution {value!r} in {where} is not 'N' or 'W,H'") from None
+        value = value[0] if len(value) == 1 else value
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise DatasetConfigError(f"resolution in {where} must be a positive int or [width, height], got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _check_value(key: str, value: Any, kind: str, where: str) -> Any:
+    if value is None:
+        return None
+    if kind == "resolution":
+        return parse_resolution(value, where)
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind in ("pos_int", "nonneg_int"):
+        ok = isinstance(value, int) and not isinstance(value, bool) and (value > 0 if kind == "pos_int" else value >= 0)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        want = {"bool": "true or false", "pos_int": "a positive integer", "nonneg_int": "an integer >= 0"}
+        raise DatasetConfigError(f"{key} in {where} must be {want.get(kind, 'a string')}, got {value!r}")
+    return value
+
+
+def _check_table(table: Any, level: str, where: str) -> dict:
+    if not isinstance(table, dict):
+        raise DatasetConfigError(f"{where} must be a table of key = value pairs")
+    for key, value in table.items():
+        if key not in _ALL_KNOWN:
+            raise DatasetConfigError(f"unknown key '{key}' in {where}; check the spelling (see README: dataset.toml)")
+        if key not in _LEVEL_KEYS[level]:
+            place = "[[datasets.subsets]]" if key in SUBSET_ONLY_KEYS or key in UNSUPPORTED_SUBSET_ONLY_KEYS else (
+                "[general] or [[datasets]]"
+            )
+            raise DatasetConfigError(f"{key} in {where} is not allowed there; put it in {place}")
+        if key in _UNSUPPORTED and not _is_default(value, _UNSUPPORTED[key]):
+            raise DatasetConfigError(
+                f"{key} in {where} is not supported by this trainer (value {value!r}); remove it or set it to "
+                f"{_UNSUPPORTED[key]!r}"
+            )
+    return table
+
+
+def _normalize_cli(cli: Mapping[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in (cli or {}).items():
+        key = _CLI_ALIASES.get(key, key)
+        if key in _ALL_KNOWN and value is not None:
+            out[key] = value
+    return out
+
+
+class _Lookup:
+    """First not-None value along subset -> dataset -> general -> cli -> default, remembering where it was."""
+
+    def __init__(self, layers: list[tuple[Mapping[str, Any], str]]):
+        self.layers = layers
+
+    def get(self, key: str, kind: str, default: Any) -> tuple[Any, str]:
+        for table, where in self.layers:
+            if table.get(key) is not None:
+                return _check_value(key, table[key], kind, where), where
+        return default, "the default"
+
+
+
+def _check_cli_unsupported(cli: Mapping[str, Any]) -> None:
+    for key, default in _UNSUPPORTED.items():
+        if key in cli and not _is_default(cli[key], default):
+            raise DatasetConfigError(f"--{key} (command line) is not supported by this trainer; remove it")
+
+
+def count_images(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _check_image_dir(raw: Any, where: str) -> Path:
+    if raw is None:
+        raise DatasetConfigError(f"image_dir is required in {where}: the folder holding the training images")
+    folder = Path(raw).expanduser()
+    if not folder.exists():
+        raise DatasetConfigError(f"image_dir '{folder}' in {where} does not exist")
+    if not folder.is_dir():
+        raise DatasetConfigError(f"image_dir '{folder}' in {where} is not a directory")
+    if count_images(folder) == 0:
+        raise DatasetConfigError(
+            f"image_dir '{folder}' in {where} contains no images ({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return folder
+
+
+def _build_subset(lookup: _Lookup, image_dir: Any, where: str) -> SubsetBlueprint:
+    values = {}
+    for key in ("num_repeats", "class_tokens", "caption_extension", "keep_tokens", "caption_prefix",
+                "caption_suffix", "flip_aug"):
+        kind, default = SUBSET_KEYS[key]
+        values[key] = lookup.get(key, kind, default)[0]
+    ext = values["caption_extension"]
+    if ext and not ext.startswith("."):
+        ext = "." + ext  # "txt" would otherwise look for "img0txt"
+    values["caption_extension"] = ext
+    return SubsetBlueprint(image_dir=_check_image_dir(image_dir, where), source=where, **values)
+
+
+def _resolve_resolution(lookup: _Lookup, where: str) -> tuple[int, int]:
+    reso, reso_where = lookup.get("resolution", "resolution", None)
+    if reso is None:
+        raise DatasetConfigError(f"resolution is not set for {where}; set resolution there or pass --resolution")
+    rounded = tuple(max(RESOLUTION_MULTIPLE, v // RESOLUTION_MULTIPLE * RESOLUTION_MULTIPLE) for v in reso)
+    if rounded != reso:
+        logger.warning("resolution %s from %s rounded down to %s (FLUX needs multiples of %d)",
+                       reso, reso_where, rounded, RESOLUTION_MULTIPLE)
+    return rounded  # type: ignore[return-value]
+
+
+def _build_dataset(lookup: _Lookup, subsets: tuple[SubsetBlueprint, ...], where: str) -> DatasetBlueprint:
+    values = {k: lookup.get(k, kind, default) for k, (kind, default) in DATASET_KEYS.items() if k != "resolution"}
+    steps, steps_where = values["bucket_reso_steps"]
+    if steps % 64:
+        raise DatasetConfigError(f"bucket_reso_steps in {steps_where} must be a multiple of 64, got {steps}")
+    if values["enable_bucket"][0]:
+        (lo, lo_where), (hi, hi_where) = values["min_bucket_reso"], values["max_bucket_reso"]
+        if lo > hi:
+            raise DatasetConfigError(f"min_bucket_reso ({lo}, {lo_where}) is larger than max_bucket_reso ({hi}, {hi_where})")
+        for key, (val, src) in (("min_bucket_reso", (lo, lo_where)), ("max_bucket_reso", (hi, hi_where))):
+            if val % steps:
+                raise DatasetConfigError(f"{key} in {src} must be divisible by bucket_reso_steps ({steps}), got {val}")
+    return DatasetBlueprint(
+        subsets=subsets,
+        resolution=_resolve_resolution(lookup, where),
+        source=where,
+        **{k: v[0] for k, v in values.items()},
+    )
+
+
+def _read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetConfigError(f"dataset config {path} (--dataset_config) does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetConfigError(f"cannot read dataset config {path}: {exc}") from exc
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetConfigError(f"dataset config {path} is not valid JSON: {exc}") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise DatasetConfigError(
+            f"dataset config {path} is not valid TOML: {exc}. A quote inside a single-quoted value "
+            "(e.g. a trigger word with an apostrophe) must be written as a double-quoted, escaped string"
+        ) from exc
+
+
+def load_dataset_config(path: str | Path, *, cli: Mapping[str, Any] | None = None) -> list[DatasetBlueprint]:
+    """Parse and validate a dataset config; `cli` holds command-line fallbacks (batch_size, resolution, ...)."""
+    path = Path(path)
+    data = _read_config_file(path)
+    if not isinstance(data, dict):
+        raise DatasetConfigError(f"dataset config {path} must be a table with [general] and [[datasets]]")
+    for key in data:
+        if key not in ("general", "datasets"):
+            raise DatasetConfigError(f"unknown key '{key}' at the top level of {path}; expected [general], [[datasets]]")
+    general = _check_table(data.get("general", {}), "general", f"[general] in {path}")
+    datasets = data.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise DatasetConfigError(f"datasets in {path}: at least one [[datasets]] table with [[datasets.subsets]] is needed")
+    cli_layer = (_normalize_cli(cli), "the command line")
+    _check_cli_unsupported(cli_layer[0])
+    blueprints = []
+    for i, ds in enumerate(datasets, 1):
+        ds_where = f"[[datasets]] #{i} in {path}"
+        ds = dict(ds) if isinstance(ds, dict) else ds
+        subsets_raw = ds.pop("subsets", None) if isinstance(ds, dict) else None
+        _check_table(ds, "dataset", ds_where)
+        if not isinstance(subsets_raw, list) or not subsets_raw:
+            raise DatasetConfigError(f"subsets: {ds_where} has no [[datasets.subsets]] table (with image_dir)")
+        subsets = []
+        for j, sub in enumerate(subsets_raw, 1):
+            sub_where = f"[[datasets.subsets]] #{j} of [[datasets]] #{i} in {path}"
+            _check_table(sub, "subset", sub_where)
+            lookup = _Lookup([(sub, sub_where), (ds, ds_where), (general, f"[general] in {path}"), cli_layer])
+            subsets.append(_build_subset(lookup, sub.get("image_dir"), sub_where))
+        ds_lookup = _Lookup([(ds, ds_where), (general, f"[general] in {path}"), cli_layer])
+        blueprints.append(_build_dataset(ds_lookup, tuple(subsets), ds_where))
+    return blueprints
+
+
+_KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
+
+
+def blueprints_from_train_data_dir(train_data_dir: str | Path, *, cli: Mapping[str, Any] | None = None
+                                   ) -> list[DatasetBlueprint]:
+    """kohya layout: `<train_data_dir>/<repeats>_<class tokens>/` folders, one subset each."""
+    root = Path(train_data_dir).expanduser()
+    where = f"--train_data_dir {root}"
+    if not root.is_dir():
+        raise DatasetConfigError(f"{where} is not a directory")
+    cli_layer = (_normalize_cli(cli), "the command line")
+    _check_cli_unsupported(cli_layer[0])
+    subsets = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        match = _KOHYA_DIR.match(folder.name)
+        if not match:
+            logger.warning("ignoring %s: folder names must look like <repeats>_<name> (e.g. 10_mychar)", folder)
+            continue
+        layer = ({"num_repeats": int(match.group(1)), "class_tokens": match.group(2)}, f"folder {folder}")
+        subsets.append(_build_subset(_Lookup([layer, cli_layer]), str(folder), f"folder {folder} of {where}"))
+    if not subsets:
+        raise DatasetConfigError(f"{where} has no <repeats>_<name> folders with images")
+    return [_build_dataset(_Lookup([cli_layer]), tuple(subsets), where)]
