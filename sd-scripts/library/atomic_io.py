@@ -204,6 +204,7 @@ def atomic_dir(final: Path, *, ops: FsOps | None = None, manifest_name: str = MA
     """Stage a folder and publish it at `final` only once it is complete (manifest last, then rename)."""
     ops = _ops(ops)
     final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)  # the output folder itself needs no atomicity
     tmp = temp_name(final)
     ops.mkdir(tmp)
     stage = StagedDir(tmp, ops)
@@ -241,6 +242,7 @@ def atomic_file(final: Path, *, ops: FsOps | None = None) -> Iterator[Path]:
     """Yield a temp path to write; on success it is fsynced and `os.replace`d onto `final`."""
     ops = _ops(ops)
     final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
     try:
         yield tmp
