@@ -37,13 +37,38 @@ def _not_found(what: str, hub_id: str, dirname: str, cache_dir) -> TokenizerNotF
         f"with network, running once with --tokenizer_cache_dir DIR fills it.")
 
 
-def _from_hf_cache(cls, hub_id: str):
+# transformers 5 silently returns an empty tokenizer for a folder or hub id without tokenizer files,
+# so a folder is only used when one of these is present.
+_CLIP_FILES = ("tokenizer.json", "vocab.json")
+_T5_FILES = ("tokenizer.json", "spiece.model")
+
+
+def _usable_dir(path: Path, needed: tuple[str, ...]) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in needed)
+
+
+def _from_hf_cache(cls, hub_id: str, needed: tuple[str, ...] = _T5_FILES):
     """A tokenizer from an already-populated Hugging Face cache; never downloads."""
     try:
-        return cls.from_pretrained(hub_id, local_files_only=True)
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(hub_id, local_files_only=True))
     except Exception as e:  # any failure here just means "not cached"
         logger.debug("no cached %s: %s", hub_id, e)
         return None
+    if not _usable_dir(folder, needed):
+        return None
+    return cls.from_pretrained(str(folder), local_files_only=True)
+
+
+def _from_cache_dir(cls, cache_dir, dirname: str, needed: tuple[str, ...]):
+    if not cache_dir:
+        return None
+    folder = Path(cache_dir) / dirname
+    if folder.is_dir() and not _usable_dir(folder, needed):
+        logger.warning("%s exists but holds none of %s; ignoring it", folder, ", ".join(needed))
+        return None
+    return cls.from_pretrained(str(folder), local_files_only=True) if folder.is_dir() else None
 
 
 def _byte_tokens() -> list[str]:
@@ -90,10 +115,8 @@ def load_clip_tokenizer(cache_dir: str | Path | None = None):
     """CLIP-L tokenizer (model_max_length 77), offline."""
     from transformers import CLIPTokenizer
 
-    if cache_dir and (Path(cache_dir) / CLIP_DIRNAME).is_dir():
-        tok = CLIPTokenizer.from_pretrained(str(Path(cache_dir) / CLIP_DIRNAME), local_files_only=True)
-    else:
-        tok = _from_hf_cache(CLIPTokenizer, CLIP_HUB_ID) or build_clip_tokenizer_from_bpe()
+    tok = (_from_cache_dir(CLIPTokenizer, cache_dir, CLIP_DIRNAME, _CLIP_FILES)
+           or _from_hf_cache(CLIPTokenizer, CLIP_HUB_ID, _CLIP_FILES) or build_clip_tokenizer_from_bpe())
     if tok is None:
         raise _not_found("CLIP-L", CLIP_HUB_ID, CLIP_DIRNAME, cache_dir)
     tok.model_max_length = CLIP_MAX_LENGTH  # without it pipelines overflow computing max_length
@@ -104,10 +127,8 @@ def load_t5_tokenizer(cache_dir: str | Path | None = None):
     """T5-XXL tokenizer (model_max_length 512), offline."""
     from transformers import T5TokenizerFast
 
-    if cache_dir and (Path(cache_dir) / T5_DIRNAME).is_dir():
-        tok = T5TokenizerFast.from_pretrained(str(Path(cache_dir) / T5_DIRNAME), local_files_only=True)
-    else:
-        tok = _from_hf_cache(T5TokenizerFast, T5_HUB_ID)
+    tok = (_from_cache_dir(T5TokenizerFast, cache_dir, T5_DIRNAME, _T5_FILES)
+           or _from_hf_cache(T5TokenizerFast, T5_HUB_ID, _T5_FILES))
     if tok is None:
         raise _not_found("T5-XXL", T5_HUB_ID, T5_DIRNAME, cache_dir)
     tok.model_max_length = T5_MAX_LENGTH
