@@ -1,0 +1,1 @@
+"""Re-appliable hang hardening for a user's upstream sd-scripts checkout (see patches/README.md)."""

@@ -1,0 +1,1 @@
+"""One module per hardening patch, applied in the order of patches/series."""
