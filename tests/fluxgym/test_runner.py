@@ -1,0 +1,159 @@
+"""The supervised runner: truthful verdicts, a log that never stalls the trainer, and complete stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fg_helpers import setup_lora, stand_in_env
+from fluxgym.cli import main
+from fluxgym.generate import REPO_ROOT
+from fluxgym.models import ModelError
+from fluxgym.runner import LAST_RUN, LOG_FILE, PID_FILE, RunError, run_training, stop_run
+from fluxgym.status import format_status, run_status
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_for(path: Path, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_success_needs_exit_0_and_the_lora(root, tmp_path):
+    paths, _ = setup_lora(root)
+    res = run_training(paths, env=stand_in_env(tmp_path, FG_MODE="ok"))
+    assert res.success and res.exit_code == 0 and res.lora == paths.final_lora
+    assert "stand-in trainer starting" in paths.out(LOG_FILE).read_text()
+    assert json.loads(paths.out(LAST_RUN).read_text())["success"] is True
+    assert not paths.out(PID_FILE).exists()
+
+
+def test_exit_1_is_failure_with_error_lines(root, tmp_path):
+    paths, _ = setup_lora(root)
+    res = run_training(paths, env=stand_in_env(tmp_path, FG_MODE="fail"))
+    assert not res.success and res.exit_code == 1
+    assert "FAILED" in res.summary and "RuntimeError: something broke" in res.summary
+    assert "python -m fluxgym resume my-lora" in res.summary
+
+
+def test_exit_0_without_lora_is_failure(root, tmp_path):
+    paths, _ = setup_lora(root)
+    # A LoRA left by an earlier run must not make this run look successful.
+    paths.final_lora.write_bytes(b"old")
+    os.utime(paths.final_lora, (time.time() - 3600, time.time() - 3600))
+    res = run_training(paths, env=stand_in_env(tmp_path, FG_MODE="nolora"))
+    assert not res.success and res.exit_code == 0 and res.lora is None
+    assert "did not write" in res.summary
+    assert main(["status", "my-lora", "--root", str(root)]) == 0
+
+
+def test_output_flood_does_not_stall(root, tmp_path):
+    paths, _ = setup_lora(root)
+    t0 = time.monotonic()
+    box = {}
+    with open(os.devnull, "w") as console:
+        env = stand_in_env(tmp_path, FG_MODE="flood", FG_FLOOD_MB=30)
+        th = threading.Thread(target=lambda: box.setdefault("res", run_training(paths, echo=console, env=env)))
+        th.start()
+        th.join(timeout=60)  # a runner that stops draining would block the trainer on a full pipe forever
+        if th.is_alive():
+            stop_run(paths, grace=1.0)
+            th.join(timeout=30)
+            pytest.fail("the run stalled under a 30 MB output flood")
+    elapsed = time.monotonic() - t0
+    res = box["res"]
+    assert res.success, res.summary
+    assert paths.out(LOG_FILE).stat().st_size >= 30 * 1024 * 1024
+    assert elapsed < 30, f"30 MB of output took {elapsed:.1f} s"
+
+
+def test_missing_model_files_fail_before_launch(root, tmp_path):
+    paths, _ = setup_lora(root, models=False, base_model="flux-dev")
+    with pytest.raises(ModelError) as exc:
+        run_training(paths, env=stand_in_env(tmp_path))
+    msg = str(exc.value)
+    for f in ("flux1-dev.sft", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.sft"):
+        assert f in msg
+    assert "python -m fluxgym models download flux-dev" in msg
+    assert not (tmp_path / "record.json").exists()
+    assert main(["train", "my-lora", "--root", str(root)]) == 2
+
+
+def _start_in_thread(paths, env):
+    box = {}
+    th = threading.Thread(target=lambda: box.setdefault("res", run_training(paths, env=env, grace=1.0)))
+    th.start()
+    return th, box
+
+
+@pytest.mark.parametrize("mode", ["spawn", "ignore_term"])
+def test_stop_ends_the_whole_tree(root, tmp_path, mode):
+    paths, _ = setup_lora(root)
+    pids_file = tmp_path / "pids.json"
+    th, box = _start_in_thread(paths, stand_in_env(tmp_path, FG_MODE=mode, FG_PIDS=pids_file))
+    pids = _wait_for(pids_file)
+    with pytest.raises(RunError, match="already training"):
+        run_training(paths, env=stand_in_env(tmp_path))
+    assert run_status(paths)["state"] == "running"
+    running, left = stop_run(paths, grace=1.0)
+    assert running and left == []
+    th.join(timeout=30)
+    assert not th.is_alive()
+    assert _gone(pids["trainer"]) and _gone(pids["grandchild"])
+    res = box["res"]
+    assert res.stopped and not res.success
+    assert run_status(paths)["state"] == "stopped"
+
+
+def test_ctrl_c_ends_the_whole_tree(root, tmp_path):
+    paths, _ = setup_lora(root)
+    pids_file = tmp_path / "pids.json"
+    env = stand_in_env(tmp_path, FG_MODE="spawn", FG_PIDS=pids_file)
+    runner = subprocess.Popen([sys.executable, "-m", "fluxgym", "train", "my-lora", "--root", str(root),
+                               "--grace", "1", "--quiet"], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    pids = _wait_for(pids_file)
+    runner.send_signal(signal.SIGINT)
+    out, _ = runner.communicate(timeout=30)
+    assert runner.returncode == 1, out.decode()
+    assert b"stopped" in out
+    assert _gone(pids["trainer"]) and _gone(pids["grandchild"])
+
+
+def test_status_reads_heartbeat_and_log(root, tmp_path):
+    paths, _ = setup_lora(root)
+    run_training(paths, env=stand_in_env(tmp_path, FG_MODE="ok"))
+    hb = {"version": 1, "pid": 1, "phase": "training", "step": 3, "total_steps": 10, "epoch": 1,
+          "total_epochs": 4, "time": time.time(), "phase_started": time.time(), "message": "",
+          "last_checkpoint": str(paths.output_dir / "my-lora-000002-state")}
+    paths.out("heartbeat.json").write_text(json.dumps(hb))
+    st = run_status(paths)
+    assert st["state"] == "succeeded" and st["step"] == 3 and st["total_steps"] == 10
+    text = format_status(st)
+    assert "step: 3/10" in text and "my-lora-000002-state" in text and "model saved." in text
+
+
+def test_stop_when_nothing_runs(root):
+    setup_lora(root)
+    assert main(["stop", "my-lora", "--root", str(root)]) == 3
+    assert main(["status", "nope", "--root", str(root)]) == 2
