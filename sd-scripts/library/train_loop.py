@@ -8,6 +8,7 @@ without replaying any data through the model.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Iterator
 
@@ -21,6 +22,8 @@ from library.hang_guards import HINTS
 
 log = logging.getLogger(__name__)
 STEP_SEED_STRIDE = 1_000_003  # keeps per-step generator seeds of different runs apart
+EXIT_AFTER_STEP_ENV = "FLUXTRAIN_EXIT_AFTER_STEP"
+EXIT_AFTER_STEP_CODE = 75
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
@@ -229,7 +232,17 @@ def run_training_loop(trainer) -> None:
         after_step(trainer)
         if pos.batch_in_epoch >= trainer.batches_per_epoch:
             end_epoch(trainer)
+        simulate_crash_if_requested(pos.step)
     bar.close()
+
+
+def simulate_crash_if_requested(step: int) -> None:
+    """Tests: `FLUXTRAIN_EXIT_AFTER_STEP=N` hard-exits after step N (and its saves), like a kill -9."""
+    target = os.environ.get(EXIT_AFTER_STEP_ENV)
+    if target and int(target) == step:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_AFTER_STEP_CODE)
 
 
 def after_step(trainer) -> None:
