@@ -211,6 +211,27 @@ class LoRANetwork(nn.Module):
     def on_epoch_start(self, text_encoder=None, unet=None) -> None:
         self.train()
 
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value: float, device=None) -> tuple[int, float, float]:
+        """--scale_weight_norms: shrink each module whose effective delta (scale * up @ down) has a Frobenius
+        norm above `max_norm_value`, splitting the factor evenly between up and down.
+        Returns (modules scaled, mean norm after, max norm after)."""
+        del device
+        scaled, norms = 0, []
+        for lora in self.lora_modules():
+            up, down = lora.lora_up.weight, lora.lora_down.weight
+            norm = (up.float() @ down.float()).norm() * abs(lora._alpha_value / lora.rank)
+            if norm > max_norm_value:
+                factor = float(max_norm_value / norm) ** 0.5
+                up.mul_(factor)
+                down.mul_(factor)
+                norm = norm * factor * factor
+                scaled += 1
+            norms.append(float(norm))
+        if not norms:
+            return 0, 0.0, 0.0
+        return scaled, sum(norms) / len(norms), max(norms)
+
     # ----- saving / loading -----------------------------------------------------------------------------
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The kohya file content: contiguous CPU tensors, optionally cast to `dtype`."""
