@@ -216,7 +216,8 @@ def cache_latents(dataset: TrainDataset, encode_fn: Callable[[torch.Tensor], tor
                     arrays = _latent_arrays(firsts[n], latents[n], None if flipped is None else flipped[n], fps[key])
                     _store_latents(cache, todo[key], firsts[n], arrays, to_disk)
                 bar.update(len(chunk))
-    logger.info("latents: %d encoded, %d reused from disk", len(todo), len(dataset.items) - sum(map(len, todo.values())))
+    reused = len(dataset.items) - sum(map(len, todo.values()))
+    logger.info("latents: %d encoded, %d reused from disk", len(todo), reused)
     return cache
 
 

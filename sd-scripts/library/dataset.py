@@ -90,7 +90,8 @@ def bucket_for(size: tuple[int, int], bp: DatasetBlueprint, buckets: Sequence[tu
     return _nearest_bucket(size, buckets)
 
 
-def resize_plan(original_size: tuple[int, int], bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+def resize_plan(original_size: tuple[int, int], bucket: tuple[int, int]
+                ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """Resize so the image covers the bucket (aspect kept), then center-crop: ((rw, rh), (l, t, r, b))."""
     (ow, oh), (bw, bh) = original_size, bucket
     scale = max(bw / ow, bh / oh)

@@ -269,7 +269,8 @@ def _build_dataset(lookup: _Lookup, subsets: tuple[SubsetBlueprint, ...], where:
     if values["enable_bucket"][0]:
         (lo, lo_where), (hi, hi_where) = values["min_bucket_reso"], values["max_bucket_reso"]
         if lo > hi:
-            raise DatasetConfigError(f"min_bucket_reso ({lo}, {lo_where}) is larger than max_bucket_reso ({hi}, {hi_where})")
+            raise DatasetConfigError(
+                f"min_bucket_reso ({lo}, {lo_where}) is larger than max_bucket_reso ({hi}, {hi_where})")
         for key, (val, src) in (("min_bucket_reso", (lo, lo_where)), ("max_bucket_reso", (hi, hi_where))):
             if val % steps:
                 raise DatasetConfigError(f"{key} in {src} must be divisible by bucket_reso_steps ({steps}), got {val}")
@@ -310,11 +311,13 @@ def load_dataset_config(path: str | Path, *, cli: Mapping[str, Any] | None = Non
         raise DatasetConfigError(f"dataset config {path} must be a table with [general] and [[datasets]]")
     for key in data:
         if key not in ("general", "datasets"):
-            raise DatasetConfigError(f"unknown key '{key}' at the top level of {path}; expected [general], [[datasets]]")
+            raise DatasetConfigError(
+                f"unknown key '{key}' at the top level of {path}; expected [general], [[datasets]]")
     general = _check_table(data.get("general", {}), "general", f"[general] in {path}")
     datasets = data.get("datasets")
     if not isinstance(datasets, list) or not datasets:
-        raise DatasetConfigError(f"datasets in {path}: at least one [[datasets]] table with [[datasets.subsets]] is needed")
+        raise DatasetConfigError(
+            f"datasets in {path}: at least one [[datasets]] table with [[datasets.subsets]] is needed")
     cli_layer = (_normalize_cli(cli), "the command line")
     _check_cli_unsupported(cli_layer[0])
     blueprints = []

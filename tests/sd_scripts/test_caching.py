@@ -272,6 +272,7 @@ def test_file_identity_tracks_content_not_name(tmp_path):
     assert file_identity(folder) != file_identity(a)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX only")
 def test_dataloader_worker_over_fifo_cache_raises_within_timeout(folder):
     ds = _dataset(folder)
     fifo = folder / "img0_0080x0064_flux.npz"

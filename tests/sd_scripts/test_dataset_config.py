@@ -83,7 +83,8 @@ def test_fluxgym_escaped_toml_with_apostrophe_and_json_variant(tmp_path, img_dir
 
 
 def test_unescaped_quote_in_fluxgym_toml_names_the_file(tmp_path, img_dir):
-    text = f"[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = '{img_dir}'\nclass_tokens = 'Zoë's cat'\n"
+    text = (f"[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = '{img_dir}'\n"
+            "class_tokens = 'Zoë's cat'\n")
     path = _write(tmp_path, text)
     with pytest.raises(DatasetConfigError, match="not valid TOML") as info:
         load_dataset_config(path, cli={})
@@ -167,7 +168,8 @@ def test_unsupported_message_wording(tmp_path, img_dir):
     config = {"general": {"shuffle_caption": True}, "datasets": [{"resolution": 64, "subsets": [
         {"image_dir": str(img_dir)}]}]}
     path = _toml(tmp_path, config)
-    with pytest.raises(DatasetConfigError, match=r"shuffle_caption in \[general\] in .* is not supported by this trainer"):
+    expected = r"shuffle_caption in \[general\] in .* is not supported by this trainer"
+    with pytest.raises(DatasetConfigError, match=expected):
         load_dataset_config(path, cli={})
 
 

@@ -14,6 +14,8 @@ import pytest
 from library import npz_io
 from library.npz_io import CacheReadTimeout, atomic_savez, bounded_npz_load, remove_stale_temps
 
+posix_only = pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(signal, "setitimer"),
+                                reason="FIFOs and interval timers are POSIX only")
 BOUND = 0.5
 SLACK = 2.0  # generous for a loaded 2-core CI box; a real hang would never return at all
 
@@ -78,6 +80,7 @@ def test_keys_subset_missing_key_and_truncated(tmp_path):
         bounded_npz_load(target, timeout=5)
 
 
+@posix_only
 def test_fifo_read_times_out_in_main_thread(fifo):
     handler_before = signal.getsignal(signal.SIGALRM)
     start = time.monotonic()
@@ -92,6 +95,7 @@ def test_fifo_read_times_out_in_main_thread(fifo):
     assert signal.getsignal(signal.SIGALRM) is handler_before
 
 
+@posix_only
 def test_fifo_read_times_out_in_worker_thread_without_signals(fifo, monkeypatch):
     installed = []
     monkeypatch.setattr(npz_io.signal, "signal", lambda *a: installed.append(a))
@@ -114,6 +118,7 @@ def test_fifo_read_times_out_in_worker_thread_without_signals(fifo, monkeypatch)
     assert installed == []  # never installs a signal handler outside the main thread
 
 
+@posix_only
 def test_foreign_alarm_is_not_clobbered(fifo):
     fired = []
     previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(a))
@@ -128,6 +133,7 @@ def test_foreign_alarm_is_not_clobbered(fifo):
     assert fired == []
 
 
+@posix_only
 def test_injected_cache_io_hang_is_bounded(tmp_path, monkeypatch):
     target = tmp_path / "ok.npz"
     atomic_savez(target, {"a": np.ones(1)})
