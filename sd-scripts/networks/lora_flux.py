@@ -94,7 +94,7 @@ class LoRAModule(nn.Module):
         self._alpha_value = float(alpha)
         # A state dict load (accelerate resume, load_weights) may change alpha; keep the cached float in sync
         # so the hot path never reads a device tensor.
-        self.register_load_state_dict_post_hook(lambda mod, _keys: mod._refresh_alpha())
+        self.register_load_state_dict_post_hook(_refresh_alpha_after_load)
 
     def _refresh_alpha(self) -> None:
         value = float(self.alpha.detach().float().cpu())
@@ -112,6 +112,10 @@ class LoRAModule(nn.Module):
         if self.dropout and self.training:
             h = nn.functional.dropout(h, p=self.dropout)
         return nn.functional.linear(h, up) * self.scale
+
+
+def _refresh_alpha_after_load(module: LoRAModule, _incompatible_keys) -> None:
+    module._refresh_alpha()  # a module-level function (not a lambda) keeps the network picklable
 
 
 class LoRANetwork(nn.Module):

@@ -530,3 +530,14 @@ def test_accelerate_save_state_writes_only_kohya_keys(flux, tmp_path):
             p.zero_()
     acc.load_state(str(tmp_path / "state"))
     assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
+
+
+def test_network_pickles_and_deep_copies(flux):
+    import pickle
+
+    net = lora_flux.create_network(1.0, R, ALPHA, None, None, flux, train_blocks="single")
+    clone = pickle.loads(pickle.dumps(net))
+    assert clone.state_dict().keys() == net.state_dict().keys()
+    clone.load_state_dict({k: (torch.tensor(2.0 * R) if k.endswith(".alpha") else v)
+                           for k, v in clone.state_dict().items()})
+    assert clone.get_submodule("lora_unet_single_blocks_0_linear1").scale == 2.0
