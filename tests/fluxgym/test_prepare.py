@@ -1,0 +1,61 @@
+"""`prepare`: resize to the shorter side, keep captions, and refuse bad folders before writing anything."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from fg_helpers import make_images
+from fluxgym.cli import main
+from fluxgym.prepare import DatasetError, prepare_dataset
+
+
+def test_resize_and_captions(tmp_path, root):
+    src = make_images(tmp_path / "src", 3, size=(300, 200), captions={"img1": "my own caption"})
+    Image.new("RGB", (100, 400)).save(src / "tall.jpg")
+    assert main(["prepare", "Cats", "--images", str(src), "--trigger", "ohwx cat", "--root", str(root),
+                 "--resolution", "128"]) == 0
+    ds = root / "datasets" / "cats"
+    with Image.open(ds / "img0.png") as im:
+        assert im.size == (192, 128)
+    with Image.open(ds / "tall.jpg") as im:
+        assert im.size == (128, 512)
+    assert (ds / "img1.txt").read_text() == "my own caption"
+    assert (ds / "img0.txt").read_text() == "ohwx cat"
+    # A caption edited in the dataset survives a re-run of prepare.
+    (ds / "img2.txt").write_text("edited")
+    prepare_dataset(src, ds, trigger="other", resolution=128)
+    assert (ds / "img2.txt").read_text() == "edited"
+
+
+def test_alpha_png_to_jpeg_and_rgba(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGBA", (80, 80), (1, 2, 3, 100)).save(src / "a.png")
+    Image.new("RGB", (80, 64)).save(src / "b.webp")
+    done = prepare_dataset(src, tmp_path / "ds", trigger="t", resolution=64)
+    assert [p.image.name for p in done] == ["a.png", "b.webp"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "not found"), ("empty", "at least 2"), ("one", "at least 2"),
+    ("nonimage", "not an image"), ("corrupt", "cannot be read"),
+])
+def test_bad_folders(tmp_path, case, message):
+    src = tmp_path / "src"
+    if case != "missing":
+        src.mkdir()
+    if case in ("one", "nonimage", "corrupt"):
+        make_images(src, 1 if case == "one" else 2)
+    if case == "nonimage":
+        (src / "notes.pdf").write_bytes(b"%PDF")
+    if case == "corrupt":
+        (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(DatasetError, match=message):
+        prepare_dataset(src, tmp_path / "ds", trigger="t", resolution=64)
+    assert not (tmp_path / "ds").exists(), "nothing may be written when the input is bad"
+
+
+def test_cli_reports_bad_input_with_exit_2(tmp_path, root, capsys):
+    assert main(["prepare", "x", "--images", str(tmp_path / "none"), "--root", str(root)]) == 2
+    assert "image folder not found" in capsys.readouterr().err
