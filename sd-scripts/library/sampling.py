@@ -231,6 +231,8 @@ def _generate_image(transformer, ae, encode_prompt, prompt: SamplePrompt, device
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from library.flux_packing import image_ids, pack_latents, unpack_latents
+
     width, height = prompt.size
     vae_scale = 2 ** (len(ae.config.block_out_channels) - 1)
     lat_h, lat_w = height // vae_scale, width // vae_scale
@@ -241,8 +243,8 @@ def _generate_image(transformer, ae, encode_prompt, prompt: SamplePrompt, device
     # CPU generator: the same seed gives the same image on any device, and the global RNG (training
     # reproducibility) is left untouched.
     noise = torch.randn(1, channels, lat_h, lat_w, generator=torch.Generator("cpu").manual_seed(seed))
-    x = _pack(noise).to(device)
-    img_ids = _image_ids(lat_h, lat_w).to(device, dtype)
+    x = pack_latents(noise).to(device)
+    img_ids = image_ids(lat_h, lat_w, 1, device, dtype)
     guidance = None
     if transformer.config.guidance_embeds:
         guidance = torch.full((1,), prompt.guidance_scale, device=device, dtype=torch.float32)
@@ -272,7 +274,7 @@ def _generate_image(transformer, ae, encode_prompt, prompt: SamplePrompt, device
             pred_neg = predict(uncond, t)
             pred = pred_neg + prompt.cfg_scale * (pred - pred_neg)
         x = scheduler.step(pred, t, x, return_dict=False)[0]
-    return _decode(ae, _unpack(x, lat_h, lat_w), device)
+    return _decode(ae, unpack_latents(x, lat_h, lat_w), device)
 
 
 def _negative_conditioning(encode_prompt, prompt: SamplePrompt, device, dtype):
@@ -290,26 +292,6 @@ def _flux_mu(image_seq_len: int) -> float:
     c = DEV_SCHEDULER
     slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
     return c["base_shift"] + slope * (image_seq_len - c["base_image_seq_len"])
-
-
-def _pack(latents):
-    """[B,C,H,W] -> [B,(H/2)(W/2),4C], the token layout FLUX's x_embedder expects."""
-    b, c, h, w = latents.shape
-    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def _unpack(tokens, h: int, w: int):
-    b, _, d = tokens.shape
-    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
-
-
-def _image_ids(h: int, w: int):
-    import torch
-
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3)
 
 
 def _decode(ae, latents, device):

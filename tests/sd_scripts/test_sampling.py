@@ -221,3 +221,23 @@ def test_failed_image_leaves_no_temp_file_and_restores_modes(models, tmp_path):
     assert transformer.training
     assert not (tmp_path / "sample").exists() or not list((tmp_path / "sample").iterdir())
     transformer.eval()
+
+
+def test_packing_used_by_sampling_matches_diffusers_flux_pipeline():
+    from diffusers import FluxPipeline
+
+    from library.flux_packing import image_ids, pack_latents, unpack_latents
+
+    lat = torch.randn(1, 16, 8, 12)
+    packed = pack_latents(lat)
+    assert torch.equal(packed, FluxPipeline._pack_latents(lat, 1, 16, 8, 12))
+    assert torch.equal(unpack_latents(packed, 8, 12), lat)
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 64, 96, 8), lat)
+    assert torch.equal(image_ids(8, 12), FluxPipeline._prepare_latent_image_ids(1, 4, 6, "cpu", torch.float32))
+
+
+def test_flux_shift_matches_diffusers():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    for seq in (16, 256, 1024, 4096):
+        assert sampling._flux_mu(seq) == pytest.approx(calculate_shift(seq))
