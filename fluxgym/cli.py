@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -112,17 +113,30 @@ def _cmd_generate(a, root: Path) -> int:
     res = generate(opts)
     for f in res.files.values():
         print(f"wrote {f}")
+    print(f"expected training steps: {res.expected_steps} (images x repeats x epochs, batch size 1)")
     if res.missing_models:
         print("note: model files missing (fetch them before `train`):\n" +
               "\n".join(f"  - {p}" for p in res.missing_models))
     return EXIT_OK
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # the runner answers it by ending the whole training tree
+
+
 def _run(a, root: Path, extra: list[str]) -> int:
     from fluxgym.runner import run_training
 
     paths = resolve_existing(root, a.name)
-    res = run_training(paths, extra, echo=None if a.quiet else sys.stdout, grace=a.grace)
+    # The trainer runs in its own session, so a TERM/HUP meant for us would leave it running unsupervised
+    # (and writing into a pipe nobody reads): treat them like Ctrl-C.
+    sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    old = {s: signal.signal(s, _interrupt) for s in sigs}
+    try:
+        res = run_training(paths, extra, echo=None if a.quiet else sys.stdout, grace=a.grace)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
     print(res.summary, file=sys.stdout if res.success else sys.stderr)
     return EXIT_OK if res.success else EXIT_FAILED
 

@@ -62,6 +62,7 @@ class GenerateResult:
     files: dict[str, Path]
     argv: list[str]
     missing_models: list[Path]
+    expected_steps: int
 
 
 def _check_numbers(o: GenerateOptions, resolution: int, workers: int) -> None:
@@ -165,4 +166,5 @@ def generate(o: GenerateOptions) -> GenerateResult:
     missing = missing_files(req.models)
     if missing:
         log.warning("model files not present yet (needed before `train`): %s", ", ".join(map(str, missing)))
-    return GenerateResult(paths, files, argv, missing)
+    steps = len(list_images(paths.dataset_dir)) * o.repeats * req.epochs
+    return GenerateResult(paths, files, argv, missing, steps)

@@ -157,3 +157,18 @@ def test_stop_when_nothing_runs(root):
     setup_lora(root)
     assert main(["stop", "my-lora", "--root", str(root)]) == 3
     assert main(["status", "nope", "--root", str(root)]) == 2
+
+
+def test_sigterm_to_the_runner_ends_the_tree(root, tmp_path):
+    """A runner killed politely (TERM) must not leave the trainer running unsupervised."""
+    setup_lora(root)
+    pids_file = tmp_path / "pids.json"
+    env = stand_in_env(tmp_path, FG_MODE="spawn", FG_PIDS=pids_file)
+    runner = subprocess.Popen([sys.executable, "-m", "fluxgym", "train", "my-lora", "--root", str(root),
+                               "--grace", "1", "--quiet"], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    pids = _wait_for(pids_file)
+    runner.terminate()
+    out, _ = runner.communicate(timeout=30)
+    assert runner.returncode == 1, out.decode()
+    assert _gone(pids["trainer"]) and _gone(pids["grandchild"])
