@@ -43,7 +43,7 @@ def _report_dict(p: engine.Plan) -> dict:
         "upstream_commit": engine.upstream_commit(p.root),
         "helper": p.helper,
         "patches": [asdict(r) for r in p.reports],
-        "would_change": sorted(set(p.new_texts) | ({engine.HELPER_REL} if p.helper in ("missing", "outdated") else set())),
+        "would_change": _would_change(p),
         "drift": p.drift,
     }
 
@@ -118,7 +118,10 @@ def _run_apply(args, p: engine.Plan, payload: dict) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the problem; return its code instead of exiting
+        return int(exc.code or 0)
     try:
         root = engine.check_checkout(args.sd_scripts_dir)
     except engine.UsageError as exc:
@@ -140,8 +143,13 @@ def main(argv=None) -> int:
     return _run_apply(args, p, payload)
 
 
+def _would_change(p: engine.Plan) -> list:
+    helper = {engine.HELPER_REL} if p.helper in ("missing", "outdated") else set()
+    return sorted(set(p.new_texts) | helper)
+
+
 def _print_dry(p: engine.Plan) -> None:
-    would = sorted(set(p.new_texts) | ({engine.HELPER_REL} if p.helper in ("missing", "outdated") else set()))
+    would = _would_change(p)
     print("would change: " + (", ".join(would) if would else "nothing (already applied)"))
 
 

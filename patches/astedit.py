@@ -186,7 +186,8 @@ def block_edits(src: Source, stmt: ast.stmt, patch_id: str, fix: str, sites: lis
         raise Unsupported("an elif condition")
     last_line = _header_end_line(src, stmt)
     if last_line == stmt.end_lineno:
-        rest = src.text[src.end(stmt) : src.line_starts[last_line] if last_line < len(src.line_starts) else len(src.text)]
+        line_end = src.line_starts[last_line] if last_line < len(src.line_starts) else len(src.text)
+        rest = src.text[src.end(stmt) : line_end]
         if rest.strip() and not rest.strip().startswith("#"):
             raise Unsupported("a statement followed by more code on its last line")
     nl, indent = src.newline, _indent_of(src, stmt.lineno)

@@ -276,9 +276,7 @@ def apply_plan(p: Plan) -> list:
         raise
     for rel, data in changes.items():
         state["files"][rel]["patched_sha256"] = sha256(data)
-        state["files"][rel]["patches"] = sorted(
-            {r.id for r in p.reports for f in r.files if f.file == rel and f.sites} | set()
-        )
+        state["files"][rel]["patches"] = sorted({r.id for r in p.reports for f in r.files if f.file == rel and f.sites})
     state.update(
         version=TOOL_VERSION,
         upstream_commit=upstream_commit(root),

@@ -188,7 +188,7 @@ def _can_use_alarm() -> bool:
 
 
 def bounded_npz_load(path, *args, **kwargs):
-    """np.load(path) with every array read inside FLUXTRAIN_CACHE_IO_TIMEOUT; raises CacheReadTimeout naming the file."""
+    """np.load(path) with every array read within FLUXTRAIN_CACHE_IO_TIMEOUT; CacheReadTimeout names the file."""
     limit = env_seconds(ENV_CACHE_IO_TIMEOUT)
     fn = lambda: _read_npz(path, args, kwargs)  # noqa: E731
     if limit <= 0:

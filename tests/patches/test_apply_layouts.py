@@ -30,7 +30,8 @@ def test_apply_marks_every_site_and_compiles(checkout, capsys, tmp_path):
         assert text.count(f"# hardening:{pid} begin") == text.count(f"# hardening:{pid} end") > 0
     assert "# FIX:" in text and "np.load(" not in after["library/strategy_flux.py"].decode()
     assert "future.result()" not in after["library/custom_offloading_utils.py"].decode()
-    assert "accelerator.save_state(" not in "".join(after[r].decode() for r in changed if "train_util" in r or "checkpoint_io" in r)
+    state_code = "".join(after[r].decode() for r in changed if "train_util" in r or "checkpoint_io" in r)
+    assert "accelerator.save_state(" not in state_code and "save_state_at_step(accelerator, step_no," in state_code
     for i, rel in enumerate(sorted(changed)):
         py_compile.compile(str(checkout / rel), cfile=str(tmp_path / f"{i}.pyc"), doraise=True)
     state = json.loads(after[f"{engine.STATE_DIR}/state.json"])
