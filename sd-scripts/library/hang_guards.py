@@ -134,6 +134,7 @@ class HangGuards:
         self._closed = False
         self._fire_lock = threading.Lock()  # taken once and never released: only one fire() runs
         self._pid = os.getpid()
+        self._armed_at = -1e18
         self._dump_lock = threading.Lock()  # progress() (main thread) vs the watchdog swapping files
         self._stall_file = self._open_pending("stall")
         self._signal_file = self._open_pending("stacks")
@@ -260,9 +261,14 @@ class HangGuards:
         """Call after every step and phase change: re-arms the 'no progress in N s' stack dump."""
         if self.stall_dump_timeout <= 0 or self._closed:
             return
+        now = time.monotonic()
+        # Re-arming starts a new C thread (~40 us); at most every 1% of the timeout keeps that off the step time.
+        if now - self._armed_at < min(1.0, self.stall_dump_timeout / 100):
+            return
         with self._dump_lock:
             if self._stall_file is not None:
                 faulthandler.dump_traceback_later(self.stall_dump_timeout, repeat=False, file=self._stall_file)
+                self._armed_at = now
 
     def _open_pending(self, kind: str):
         # faulthandler writes from C (no GIL) to an fd opened in advance, so the dump goes to a hidden

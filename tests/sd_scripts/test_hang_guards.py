@@ -253,6 +253,21 @@ def test_disabled_deadline_and_overhead_benchmark(guards):
     assert guards._table == {}
 
 
+def test_progress_is_cheap_per_step(tmp_path):
+    g = HangGuards(tmp_path, None, stall_dump_timeout=600)
+    try:
+        n = 5000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            g.progress()
+        per_call_us = (time.perf_counter() - t0) / n * 1e6
+        print(f"\nhang guard progress(): {per_call_us:.2f} us per call")
+        assert per_call_us < 100
+        assert 0 < time.monotonic() - g._armed_at < 5  # it did arm the stall timer
+    finally:
+        g.close()
+
+
 def test_hints_cover_every_site():
     for site in ("dataloader", "block_swap", "cache_io", "sample", "save", "ddp", "step"):
         assert len(HINTS[site]) > 40
