@@ -124,7 +124,8 @@ def _plan_patch(root: Path, patch, cache: dict, edits: dict) -> PatchReport:
         except astedit.Unsupported as exc:
             report.drift.append(f"{patch.ID} {rel}: {exc}")
         except (SyntaxError, UnicodeDecodeError) as exc:
-            report.drift.append(f"{patch.ID} {rel}: cannot be parsed ({exc})")
+            hint = "run apply.py with the Python that runs sd-scripts" if isinstance(exc, SyntaxError) else "not UTF-8"
+            report.drift.append(f"{patch.ID} {rel}: cannot be parsed ({exc}); {hint}")
     if hasattr(patch, "check_total") and not report.drift:
         try:
             patch.check_total(found)

@@ -127,3 +127,17 @@ def test_state_records_upstream_commit(checkout, capsys):
     assert _run(capsys, str(checkout))[0] == 0
     state = json.loads((checkout / engine.STATE_DIR / "state.json").read_text())
     assert state["upstream_commit"] == "3265f2edfbb80d393a495ff5e37e3e89e7545492"
+
+
+def test_reapply_after_upstream_update_records_the_new_original(checkout, capsys):
+    assert _run(capsys, str(checkout))[0] == 0
+    target = checkout / "library/custom_offloading_utils.py"
+    originals = checkout / engine.STATE_DIR / "originals"
+    updated = (originals / "library/custom_offloading_utils.py").read_text() + "\n\nUPSTREAM_ADDED = 1\n"
+    target.write_text(updated)  # what `git reset --hard` + pull leaves: new upstream bytes, no markers
+    assert _run(capsys, "--check", str(checkout))[0] == 1
+    assert _run(capsys, str(checkout))[0] == 0
+    assert "# hardening:P02 begin" in target.read_text() and "UPSTREAM_ADDED" in target.read_text()
+    assert (originals / "library/custom_offloading_utils.py").read_text() == updated
+    assert _run(capsys, "--reverse", str(checkout))[0] == 0
+    assert target.read_text() == updated
