@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -125,12 +124,12 @@ def _ops(ops: FsOps | None) -> FsOps:
 
 def temp_name(final: Path) -> Path:
     final = Path(final)
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def trash_name(final: Path) -> Path:
     final = Path(final)
-    return final.with_name(f".{final.name}.trash-{secrets.token_hex(4)}")
+    return final.with_name(f".{final.name}.trash-{os.urandom(4).hex()}")
 
 
 def parse_leftover(name: str) -> tuple[str, str, int | None] | None:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -36,25 +35,38 @@ _LAST_FILE = re.compile(r"^(?P<name>.+)\.safetensors$")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-@dataclasses.dataclass
 class CheckpointInfo:
-    path: Path
-    kind: str  # "state" or "model"
-    output_name: str
-    step: int | None
-    epoch: int | None
-    valid: bool
-    reason: str  # why it is not valid ("" when valid)
-    has_manifest: bool
-    mtime: float
-    size: int
-    label: str = ""  # "epoch", "step", "last" or "leftover"
-    step_source: str = ""  # "manifest", "train_state.json", "metadata" or "name"
+    """One candidate checkpoint (a plain class: dataclasses would cost this stdlib-only module ~10 ms import)."""
+
+    FIELDS = ("path", "kind", "output_name", "step", "epoch", "valid", "reason", "has_manifest", "mtime", "size",
+              "label", "step_source")
+    __slots__ = FIELDS
+
+    def __init__(self, path: Path, kind: str, output_name: str, step: int | None, epoch: int | None, valid: bool,
+                 reason: str, has_manifest: bool, mtime: float, size: int, label: str = "", step_source: str = ""):
+        self.path = path
+        self.kind = kind  # "state" or "model"
+        self.output_name = output_name
+        self.step = step
+        self.epoch = epoch  # manifest: epochs completed; upstream: train_state.json current_epoch as written
+        self.valid = valid
+        self.reason = reason  # why it is not valid ("" when valid)
+        self.has_manifest = has_manifest
+        self.mtime = mtime
+        self.size = size
+        self.label = label  # "epoch", "step", "last" or "leftover"
+        self.step_source = step_source  # "manifest", "train_state.json", "metadata" or "name"
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f: getattr(self, f) for f in self.FIELDS}
         d["path"] = str(self.path)
         return d
+
+    def __repr__(self) -> str:
+        return "CheckpointInfo(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.FIELDS) + ")"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CheckpointInfo) and all(getattr(self, f) == getattr(other, f) for f in self.FIELDS)
 
 
 # ---------------------------------------------------------------- names

@@ -188,7 +188,8 @@ def test_real_state_save_crash_at_every_op(tmp_path):
 
 def test_rotate_epochs_steps_and_never_counts_invalid(tmp_path):
     for e in range(1, 6):
-        cio.save_lora_file(tmp_path / f"demo-{e:06d}.safetensors", {"w": torch.full((2,), float(e))}, {"ss_steps": e * 10})
+        lora = tmp_path / f"demo-{e:06d}.safetensors"
+        cio.save_lora_file(lora, {"w": torch.full((2,), float(e))}, {"ss_steps": e * 10})
         ckpt_zoo.write_state(tmp_path, "demo", step=e * 10, epoch=e, folder=f"demo-{e:06d}-state")
     for s in (100, 200, 300, 400, 500):
         ckpt_zoo.write_state(tmp_path, "demo", step=s)

@@ -34,7 +34,8 @@ def safetensors_bytes(seed: int, n_tensors: int = 2, floats: int = 64, metadata:
     header, data, off = {}, b"", 0
     for i in range(n_tensors):
         chunk = _rand(seed * 1000 + i, floats * 4)
-        header[f"lora_unet_t{i}.lora_down.weight"] = {"dtype": "F32", "shape": [floats], "data_offsets": [off, off + len(chunk)]}
+        key = f"lora_unet_t{i}.lora_down.weight"
+        header[key] = {"dtype": "F32", "shape": [floats], "data_offsets": [off, off + len(chunk)]}
         data += chunk
         off += len(chunk)
     meta = dict(metadata or {})

@@ -195,7 +195,8 @@ def test_tool_imports_no_heavy_modules_and_validation_imports_fast(tmp_path):
         "import sys, runpy\n"
         "try:\n    runpy.run_path(%r, run_name='__main__')\n"
         "except SystemExit as e:\n    rc = e.code\n"
-        "bad = [m for m in ('torch','numpy','safetensors','accelerate','transformers','diffusers') if m in sys.modules]\n"
+        "heavy = ('torch', 'numpy', 'safetensors', 'accelerate', 'transformers', 'diffusers')\n"
+        "bad = [m for m in heavy if m in sys.modules]\n"
         "print('RC', rc, 'HEAVY', bad)\n"
     ) % str(REPO / "tools" / "find_checkpoint.py")
     res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=60)
@@ -207,6 +208,6 @@ def test_tool_imports_no_heavy_modules_and_validation_imports_fast(tmp_path):
     ) % str(REPO / "sd-scripts")
     best = min(
         float(subprocess.run([sys.executable, "-S", "-c", timing], capture_output=True, text=True, timeout=30).stdout)
-        for _ in range(3)
+        for _ in range(5)
     )
     assert best < 0.05, f"checkpoint_validation import took {best * 1000:.1f} ms"
