@@ -320,7 +320,7 @@ def _restore_rng(states) -> list:
     return restored
 
 
-def _fallback_after_step_error(accelerator, input_dir, load_kwargs):
+def _fallback_after_step_error(accelerator, input_dir):
     path = _rng_pickle(accelerator, input_dir)
     states = {}
     try:
@@ -367,5 +367,5 @@ def load_state_with_fallback(accelerator, input_dir, *args, **kwargs):
     except KeyError as exc:
         if exc.args != ("step",):
             raise
-    _fallback_after_step_error(accelerator, input_dir, kwargs)
+    _fallback_after_step_error(accelerator, input_dir)
     return None

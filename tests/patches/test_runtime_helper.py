@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -103,3 +104,15 @@ def test_atomic_savez_appends_suffix_and_leaves_no_temp(helper, tmp_path):
     with pytest.raises(ValueError, match="refuses"):  # fails mid-write: the temp file must not survive
         helper.atomic_savez(tmp_path / "bad.npz", a=np.arange(3), b=unpicklable)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.npz"]
+
+
+def test_injected_cache_io_hang_is_cut_by_the_bound(helper, tmp_path, monkeypatch):
+    helper.atomic_savez(tmp_path / "ok.npz", a=np.arange(2))
+    monkeypatch.setenv("FLUXTRAIN_INJECT_HANG", "cache_io")
+    monkeypatch.setenv("FLUXTRAIN_CACHE_IO_TIMEOUT", "0.3")
+    start = time.monotonic()
+    with pytest.raises(helper.CacheReadTimeout, match="ok.npz"):
+        helper.bounded_npz_load(tmp_path / "ok.npz")
+    assert time.monotonic() - start < 3
+    monkeypatch.delenv("FLUXTRAIN_INJECT_HANG")
+    assert helper.bounded_npz_load(tmp_path / "ok.npz")["a"].tolist() == [0, 1]
