@@ -106,8 +106,10 @@ def launcher_argv(req: TrainRequest) -> list[str]:
     if req.launcher == "python":
         return []
     # One process: without an accelerate config a multi-GPU box would start one per GPU (FluxGym #383).
+    # num_machines/dynamo_backend are explicit so the launch does not depend on (or warn about) a config.
     return ["-m", "accelerate.commands.launch", "--mixed_precision", req.preset.mixed_precision,
-            "--num_cpu_threads_per_process", "1", "--num_processes", "1"]
+            "--num_cpu_threads_per_process", "1", "--num_processes", "1", "--num_machines", "1",
+            "--dynamo_backend", "no"]
 
 
 def header_lines(req: TrainRequest, kind: str) -> list[str]:

@@ -17,6 +17,8 @@ if defined FLUXGYM_PYTHON set "PY=%FLUXGYM_PYTHON%"
     --mixed_precision bf16 ^
     --num_cpu_threads_per_process 1 ^
     --num_processes 1 ^
+    --num_machines 1 ^
+    --dynamo_backend no ^
     <REPO>/sd-scripts/flux_train_network.py ^
     --pretrained_model_name_or_path <ROOT>/models/unet/flux1-dev.sft ^
     --clip_l <ROOT>/models/clip/clip_l.safetensors ^
