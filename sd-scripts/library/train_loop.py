@@ -55,6 +55,7 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 def make_loader(trainer) -> torch.utils.data.DataLoader:
     s = trainer.s
     workers = min(s.data.num_workers, len(trainer.dataset.items))
+    trainer.loader_workers = workers
     sampler = ResumableBatchSampler(
         trainer.dataset, start_epoch=trainer.pos.epoch, start_batch=trainer.pos.batch_in_epoch,
         num_epochs=trainer.num_epochs, rank=trainer.accelerator.process_index,
@@ -73,7 +74,9 @@ def make_loader(trainer) -> torch.utils.data.DataLoader:
 def next_batch(trainer, iterator) -> dict | None:
     """The next batch, with every wait bounded (workers: DataLoader timeout; no workers: our deadline)."""
     bound = trainer.s.guards.dataloader_timeout
-    backstop = bound + 15 if bound else None
+    # With workers the DataLoader's own timeout fires first and names the batch; this deadline is the
+    # backstop. Without workers it is the only bound, so it uses the flag's value itself.
+    backstop = (bound + 10 if trainer.loader_workers else bound) if bound else None
     try:
         with trainer.guards.deadline("dataloader", backstop, hint=HINTS["dataloader"]):
             return next(iterator)
@@ -192,7 +195,10 @@ def generate_samples(trainer) -> None:
             transformer=trainer.transformer, ae=trainer.ae, encode_prompt=lambda p: trainer.sample_embeds[p],
             prompts=trainer.sample_prompts, output_dir=trainer.s.save.output_dir,
             output_name=trainer.s.save.output_name, step=trainer.pos.step, device=trainer.device,
-            dtype=trainer.weight_dtype, is_schnell=trainer.model_info.is_schnell, per_image_guard=guard)
+            dtype=trainer.weight_dtype, is_schnell=trainer.model_info.is_schnell, per_image_guard=guard,
+            network=trainer.accelerator.unwrap_model(trainer.network),
+            before_forward=trainer.block_swapper.prepare_block_devices_before_forward if trainer.block_swapper else None,
+            apply_t5_attn_mask=trainer.s.model.apply_t5_attn_mask)
     trainer.ae.to("cpu")
     trainer.set_phase(previous)
 

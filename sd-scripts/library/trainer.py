@@ -230,14 +230,16 @@ class FluxLoRATrainer:
         self.sample_prompts = sampling.parse_sample_prompts(self.s.sample.prompts)
         with torch.no_grad():
             for prompt in self.sample_prompts:
-                if prompt.prompt not in self.sample_embeds:
-                    print(f"cache Text Encoder outputs for prompt: {prompt.prompt}")
-                    self.sample_embeds[prompt.prompt] = self.text_encoder.encode([prompt.prompt])
+                for text in prompt.texts_to_encode():
+                    if text not in self.sample_embeds:
+                        print(f"cache Text Encoder outputs for prompt: {text}")
+                        self.sample_embeds[text] = self.text_encoder.encode([text])
 
     def create_network(self) -> None:
         from networks import lora_flux
 
         net = self.s.network
+        self.set_phase("loading", "creating the LoRA network")
         print(f"create LoRA network. base dim (rank): {net.dim}, alpha: {net.alpha}")
         clip = self.clip_l if self.train_clip else None
         self.network = lora_flux.create_network(1.0, net.dim, net.alpha, self.ae, [clip, None], self.transformer,
