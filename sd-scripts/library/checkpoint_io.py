@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
 import logging
 import platform
 import struct
@@ -119,15 +120,21 @@ def save_state_folder(
                 "data_position": {k: int(v) for k, v in data_position.items()},
                 "versions": _versions(),
                 "args_digest": args_digest,
-                "resume_settings": resume_settings,
+                "resume_settings": _jsonable(resume_settings),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
         )
     return final_dir
 
 
+def _jsonable(d: dict) -> dict:
+    # Compare what the manifest can hold: tuples become lists, paths strings, on both sides alike.
+    return json.loads(json.dumps(d, default=str))
+
+
 def check_resume_settings(saved: dict, current: dict, path: Path) -> list[str]:
     """Raise ResumeMismatchError for settings that differ; return warnings for settings only one side knows."""
+    saved, current = _jsonable(saved), _jsonable(current)
     diffs = [k for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
     if diffs:
         lines = [f"{k}: checkpoint has {saved[k]!r}, this run has {current[k]!r}" for k in diffs]

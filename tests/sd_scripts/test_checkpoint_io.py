@@ -115,6 +115,11 @@ def test_resume_mismatch_names_setting_and_values(tmp_path):
     msg = str(err.value)
     assert "network_dim: checkpoint has 4, this run has 16" in msg and str(path) in msg
     assert all(torch.equal(a, b) for a, b in zip(before, target[1].parameters()))  # nothing was loaded
+    # values that only change type through JSON (tuple -> list, int -> float) are not mismatches
+    path2 = _save(_setup(0), tmp_path / "demo-000001-state", step=1, settings={**SETTINGS, "betas": (0.9, 0.99)})
+    info = cio.load_state_folder(path2, accelerator=_setup(1)[0],
+                                 resume_settings={**SETTINGS, "betas": [0.9, 0.99], "network_alpha": 1})
+    assert info.step == 1 and info.warnings == []
 
 
 def _upstream_folder(tmp_path: Path, parts, rng_states: dict | None) -> Path:

@@ -203,11 +203,12 @@ def test_tool_imports_no_heavy_modules_and_validation_imports_fast(tmp_path):
     assert "RC 0 HEAVY []" in res.stdout, res.stdout + res.stderr
 
     timing = (
-        "import sys, time; sys.path.insert(0, %r); t = time.perf_counter();\n"
-        "import library.checkpoint_validation; print(time.perf_counter() - t)"
+        "import sys, time; sys.path.insert(0, %r); t = time.process_time();\n"
+        "import library.checkpoint_validation; print(time.process_time() - t)"
     ) % str(REPO / "sd-scripts")
     best = min(
         float(subprocess.run([sys.executable, "-S", "-c", timing], capture_output=True, text=True, timeout=30).stdout)
         for _ in range(5)
     )
-    assert best < 0.05, f"checkpoint_validation import took {best * 1000:.1f} ms"
+    # CPU time, not wall time: the import cost itself, unaffected by other jobs on a shared machine
+    assert best < 0.05, f"checkpoint_validation import took {best * 1000:.1f} ms of CPU"
