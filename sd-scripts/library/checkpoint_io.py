@@ -166,7 +166,10 @@ def _probe_rng(path: Path) -> list[str]:
 
 
 def load_state_folder(path, *, accelerator, resume_settings: dict) -> ResumeInfo:
-    """Validate a state folder, check settings, restore it into `accelerator`; warnings list what was lost."""
+    """Validate a state folder, check settings, restore it into `accelerator`.
+
+    `warnings` lists what could not be restored or checked; the caller logs them (this function does not).
+    """
     path = Path(path)
     info: CheckpointInfo = validate_state_dir(path)
     if not info.valid:
@@ -202,8 +205,6 @@ def load_state_folder(path, *, accelerator, resume_settings: dict) -> ResumeInfo
             f"--resume {path}: accelerate could not load it ({type(exc).__name__}: {exc}). "
             "The network/optimizer settings must match the run that wrote it."
         ) from exc
-    for w in warnings:
-        logger.warning("resume: %s", w)
     return ResumeInfo(step, epoch, data_position, warnings, info.has_manifest, path)
 
 

@@ -380,16 +380,23 @@ def discover(
     return sorted(real, key=_sort_key, reverse=True) + sorted(left, key=lambda c: c.mtime, reverse=True)
 
 
-def newest_valid_state(output_dir: Path, output_name: str | None = None, log: bool = True) -> CheckpointInfo | None:
-    """The newest state folder that validates; each newer one skipped is logged with its reason."""
+def iter_valid_states(output_dir: Path, output_name: str | None = None, log: bool = True):
+    """Valid state folders newest first, validated lazily; each invalid one passed over is logged with its reason.
+
+    For `--resume auto`: when the newest fails to load, take the next one from the same iterator.
+    """
     cands = sorted(_candidates(Path(output_dir), "state", output_name, False), key=_sort_key, reverse=True)
     for info in cands:
         _validate_probed_state(info)
         if info.valid:
-            return info
-        if log:
+            yield info
+        elif log:
             logger.warning("skipping checkpoint %s: %s", info.path, info.reason)
-    return None
+
+
+def newest_valid_state(output_dir: Path, output_name: str | None = None, log: bool = True) -> CheckpointInfo | None:
+    """The newest state folder that validates; each newer one skipped is logged with its reason."""
+    return next(iter_valid_states(output_dir, output_name, log), None)
 
 
 def newest_valid_model(output_dir: Path, output_name: str | None = None, log: bool = True) -> CheckpointInfo | None:

@@ -38,6 +38,14 @@ def test_zoo_discovery_picks_newest_valid_and_logs_skips(tmp_path, case, caplog)
             assert not c.valid and c.label == "leftover" and c.path.exists()
 
 
+def test_iter_valid_states_falls_back_lazily(tmp_path):
+    out, _, _ = ckpt_zoo.build_case(tmp_path, "mixed_epoch_and_step")
+    it = cv.iter_valid_states(out, "demo", log=False)
+    assert [next(it).step, next(it).step] == [300, 250]
+    assert next(it, None) is None
+    assert list(cv.iter_valid_states(out, "other", log=False)) == []
+
+
 def test_step_order_ignores_mtime_and_name_width(tmp_path):
     out, _, _ = ckpt_zoo.build_case(tmp_path, "step_999_vs_1000")
     assert [c.step for c in cv.discover(out)] == [1000, 999]
