@@ -180,7 +180,8 @@ class FluxLoRATrainer:
 
         self.latent_cache = caching.cache_latents(
             self.dataset, encode, to_disk=self.s.data.cache_latents_to_disk,
-            batch_size=self.s.data.vae_batch_size, io_timeout=self.s.guards.cache_io_timeout)
+            batch_size=self.s.data.vae_batch_size, io_timeout=self.s.guards.cache_io_timeout,
+            fingerprint=caching.file_identity(self.s.model.ae_path))
         self.ae.to("cpu")
         self.accelerator.wait_for_everyone()
 
