@@ -264,7 +264,11 @@ def _validate_probed_state(info: CheckpointInfo) -> CheckpointInfo:
         if not path.is_dir():
             raise ValueError("not a folder")
         if info.has_manifest:
-            verify_manifest_files(path, read_manifest(path))
+            manifest = read_manifest(path)
+            listed = manifest["files"]
+            if not ({"model.safetensors", "pytorch_model.bin"} & listed.keys()) or "optimizer.bin" not in listed:
+                raise ValueError("manifest lists no model weights or no optimizer.bin")
+            verify_manifest_files(path, manifest)
         else:
             _check_upstream_state(path)
         info.valid, info.reason = True, ""
@@ -351,15 +355,21 @@ def _candidates(output_dir: Path, kind: str, output_name: str | None, leftovers:
         return out
     for entry in sorted(output_dir.iterdir()):
         if entry.name.startswith("."):
-            left = _leftover_info(entry, kind) if leftovers else None
+            try:
+                left = _leftover_info(entry, kind) if leftovers else None
+            except OSError:
+                continue
             if left and (output_name is None or left.output_name == output_name):
                 out.append(left)
             continue
-        if kind == "state" and entry.is_dir() and entry.name.endswith("-state"):
-            info = _probe_state(entry)
-        elif kind == "model" and entry.is_file() and entry.name.endswith(LORA_EXT):
-            info = validate_lora_file(entry)
-        else:
+        try:
+            if kind == "state" and entry.is_dir() and entry.name.endswith("-state"):
+                info = _probe_state(entry)
+            elif kind == "model" and entry.is_file() and entry.name.endswith(LORA_EXT):
+                info = validate_lora_file(entry)
+            else:
+                continue
+        except OSError:  # removed by a running trainer's rotation while we looked
             continue
         if output_name is None or info.output_name == output_name:
             out.append(info)

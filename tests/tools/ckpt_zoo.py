@@ -173,6 +173,15 @@ def _garbled_manifest(out):
     return "manifest checkpoint.json unreadable"
 
 
+def _marker_without_files(out):
+    p = Path(_base(out)) / state_dir_name("demo", step=200)
+    p.mkdir()
+    body = manifest_body("demo", 200, 0)
+    body["files"] = {}
+    (p / "checkpoint.json").write_text(json.dumps(body))
+    return "manifest lists no model weights"
+
+
 def _leftover_temp(out):
     _base(out)
     tmp = out / ".demo-step00000200-state.tmp-999999-deadbeef"
@@ -214,6 +223,7 @@ ZOO = {
     "missing_optimizer_upstream": (_missing_optimizer_upstream, "demo-step00000100-state"),
     "garbled_manifest": (_garbled_manifest, "demo-step00000100-state"),
     "leftover_temp": (_leftover_temp, "demo-step00000100-state"),
+    "marker_without_files": (_marker_without_files, "demo-step00000100-state"),
     "step_999_vs_1000": (_step_999_vs_1000, "demo-step00001000-state"),
     "mixed_epoch_and_step": (_mixed_epoch_step, "demo-000003-state"),
     "upstream_without_manifest": (_upstream_only, "demo-state"),
