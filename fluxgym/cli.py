@@ -17,7 +17,7 @@ from pathlib import Path
 from fluxgym import __version__
 from fluxgym.generate import REPO_ROOT, GenerateOptions, generate
 from fluxgym.models import ModelError
-from fluxgym.naming import LoraNameError, project_paths, resolve_existing
+from fluxgym.naming import LoraNameError, check_claim, claim_slug, project_paths, resolve_existing
 from fluxgym.prepare import DatasetError, prepare_dataset
 from fluxgym.presets import PresetError, preset_names
 
@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_prepare(a, root: Path) -> int:
     paths = project_paths(root, a.name)
+    check_claim(paths, a.name)  # before writing: another LoRA's dataset must not be merged into
     done = prepare_dataset(a.images, paths.dataset_dir, trigger=a.trigger, resolution=a.resolution)
+    claim_slug(paths, a.name)
     kept = sum(p.caption_kept for p in done)
     print(f"prepared {len(done)} images in {paths.dataset_dir} ({kept} existing captions kept)")
     return EXIT_OK

@@ -61,17 +61,23 @@ def project_paths(root: str | Path, name: str) -> ProjectPaths:
     return ProjectPaths(Path(root).resolve(), slugify(name))
 
 
+def check_claim(paths: ProjectPaths, name: str) -> bool:
+    """Raise when another NAME owns this slug; True when NAME already owns it."""
+    claim = paths.out(CLAIM_FILE)
+    if not claim.exists():
+        return False
+    owner = claim.read_text(encoding="utf-8")
+    if owner != name:
+        raise LoraNameError(f"the name {name!r} gives the folder name '{paths.slug}', which already belongs to "
+                            f"{owner!r} ({paths.output_dir}); choose a different name")
+    return True
+
+
 def claim_slug(paths: ProjectPaths, name: str) -> None:
     """Record that NAME owns this slug; refuse when another NAME already does."""
-    claim = paths.out(CLAIM_FILE)
-    if claim.exists():
-        owner = claim.read_text(encoding="utf-8")
-        if owner != name:
-            raise LoraNameError(f"the name {name!r} gives the folder name '{paths.slug}', which already belongs to "
-                             f"{owner!r} ({paths.output_dir}); choose a different name")
-        return
-    paths.output_dir.mkdir(parents=True, exist_ok=True)
-    claim.write_text(name, encoding="utf-8")
+    if not check_claim(paths, name):
+        paths.output_dir.mkdir(parents=True, exist_ok=True)
+        paths.out(CLAIM_FILE).write_text(name, encoding="utf-8")
 
 
 def resolve_existing(root: str | Path, name: str) -> ProjectPaths:

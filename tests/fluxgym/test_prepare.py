@@ -59,3 +59,13 @@ def test_bad_folders(tmp_path, case, message):
 def test_cli_reports_bad_input_with_exit_2(tmp_path, root, capsys):
     assert main(["prepare", "x", "--images", str(tmp_path / "none"), "--root", str(root)]) == 2
     assert "image folder not found" in capsys.readouterr().err
+
+
+def test_prepare_refuses_a_name_that_collides(tmp_path, root, capsys):
+    src = make_images(tmp_path / "src", 2)
+    assert main(["prepare", "My LoRA", "--images", str(src), "--trigger", "a", "--root", str(root)]) == 0
+    other = make_images(tmp_path / "other", 3)
+    assert main(["prepare", "my lora!", "--images", str(other), "--trigger", "b", "--root", str(root)]) == 2
+    assert "already belongs to 'My LoRA'" in capsys.readouterr().err
+    assert len(list((root / "datasets" / "my-lora").glob("*.png"))) == 2
+    assert main(["prepare", "My LoRA", "--images", str(src), "--trigger", "a", "--root", str(root)]) == 0
