@@ -105,6 +105,12 @@ class _Deadline:
         self._guards._disarm(self._token)
 
 
+class _Unbounded:
+    """What `with deadline(...) as d` yields when the bound is disabled."""
+
+    detail: str | None = None
+
+
 class HangGuards:
     """Deadlines, stall dumps and on-demand stack dumps for one training process.
 
@@ -147,7 +153,7 @@ class HangGuards:
                  detail: str | None = None) -> contextlib.AbstractContextManager:
         """Bound the `with` block to `seconds` (0/None: no bound). On expiry fire(site, ...)."""
         if not seconds or seconds <= 0 or self._closed:
-            return contextlib.nullcontext()
+            return contextlib.nullcontext(_Unbounded())  # `as d: d.detail = ...` works either way
         return _Deadline(self, site, float(seconds), hint, detail)
 
     def guard_iterator(self, iterable: Iterable, *, site: str = "dataloader", seconds: float | None) -> Iterator:

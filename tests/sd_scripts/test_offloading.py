@@ -6,6 +6,7 @@ show up as NaN or a mismatch.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import subprocess
 import textwrap
@@ -58,6 +59,45 @@ def train_step(model, *, checkpointing: bool, frozen: bool):
     (out.float() ** 2).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.detach(), x["hidden_states"].grad.clone(), grads
+
+
+def attach_lora_standin(model) -> torch.nn.ModuleList:
+    """Like networks.lora_flux: adapters owned outside the blocks, added by forward hooks on block Linears."""
+    torch.manual_seed(5)
+    targets = [b.attn.to_q for b in list(model.transformer_blocks) + list(model.single_transformer_blocks)]
+    adapters = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(64, 4, bias=False),
+                                                       torch.nn.Linear(4, 64, bias=False)) for _ in targets)
+    for lin, ad in zip(targets, adapters):
+        lin.register_forward_hook(lambda m, args, out, ad=ad: out + ad(args[0]))
+    return adapters
+
+
+def lora_step(model, adapters, *, checkpointing: bool):
+    model.requires_grad_(False)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    adapters.zero_grad(set_to_none=True)
+    x = make_inputs(input_grad=False)  # as in LoRA training: only the adapters need gradients
+    out = model(**x, return_dict=False)[0]
+    (out.float() ** 2).mean().backward()
+    return out.detach(), [p.grad.clone() for p in adapters.parameters()]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad_ckpt"])
+def test_lora_style_training_identical_with_swap(tiny_flux, checkpointing):
+    ref_model = copy.deepcopy(tiny_flux)
+    ref_out, ref_grads = lora_step(ref_model, attach_lora_standin(ref_model), checkpointing=checkpointing)
+    model = copy.deepcopy(tiny_flux)
+    adapters = attach_lora_standin(model)
+    swapper = BlockSwapper(model, 2, "cpu", timeout=10, on_timeout=no_timeout, poison_offloaded=True)
+    try:
+        for _ in range(2):
+            out, grads = lora_step(model, adapters, checkpointing=checkpointing)
+            assert torch.equal(out, ref_out)
+            assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+            assert all(g.abs().sum() > 0 for g in grads)  # every adapter, swapped blocks' included, got gradient
+    finally:
+        swapper.close()
 
 
 def no_timeout(detail):
@@ -194,3 +234,69 @@ def test_injected_block_swap_hang_exits_124_via_hang_guard(tmp_path, venv_python
     dump = next((tmp_path / "out").glob("hang-*.txt")).read_text()
     assert "in inject_point" in dump  # the stuck worker thread is in the dump
     assert '"phase": "failed"' in (tmp_path / "out" / "heartbeat.json").read_text()
+
+
+class FakeStream:
+    def __init__(self, name):
+        self.name, self.waited, self.syncs = name, [], 0
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+    def synchronize(self):
+        self.syncs += 1
+
+
+class FakeEvent:
+    recorded: list = []
+
+    def record(self, stream):
+        self.stream = stream
+        FakeEvent.recorded.append(self)
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen_base", "all_trainable"])
+def test_cuda_stream_protocol_with_mocked_cuda(tiny_flux, monkeypatch, frozen):
+    """The GPU branch on CPU tensors, CUDA objects mocked (no GPU here): every host-to-device copy's
+    event is waited on by the compute stream and its tensors are recorded on it before use; trained
+    weights are copied back only after the compute stream's work on them."""
+    compute, side = FakeStream("compute"), FakeStream("side")
+    recorded_streams = []
+    FakeEvent.recorded = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded_streams.append(s), raising=False)
+    ref_out, ref_gx, ref_grads = train_step(copy.deepcopy(tiny_flux), checkpointing=True, frozen=frozen)
+
+    model = copy.deepcopy(tiny_flux)
+    swapper = BlockSwapper(model, 3, "cpu", timeout=10, on_timeout=no_timeout, poison_offloaded=True)
+    swapper._cuda, swapper._stream = True, side
+    real_job_in = swapper._job_in
+
+    def job_in_distinct_storage(i):  # a real device copy is new storage, not the CPU master itself
+        event, _ = real_job_in(i)
+        new = []
+        for t, _, _ in swapper._tensors[i]:
+            t.data = t.data.clone()
+            new.append(t.data)
+        return event, new
+
+    swapper._job_in = job_in_distinct_storage
+    try:
+        out, gx, grads = train_step(model, checkpointing=True, frozen=frozen)
+        swapper.prepare_block_devices_before_forward()
+    finally:
+        swapper.close()
+    assert torch.equal(out, ref_out) and torch.equal(gx, ref_gx)
+    assert all(torch.equal(g, ref_grads[n]) for n, g in grads.items())
+    copies_in = [e for e in FakeEvent.recorded if e.stream is side]
+    compute_done = [e for e in FakeEvent.recorded if e.stream is compute]
+    assert copies_in and compute.waited == copies_in  # each copy waited for, in order
+    n_tensors = {i: len(list(swapper.blocks[i].parameters())) for i in swapper.swapped}
+    assert len(recorded_streams) >= len(copies_in) * min(n_tensors.values())
+    assert all(s is compute for s in recorded_streams)
+    if frozen:
+        assert side.waited == [] and side.syncs == 0  # frozen weights: no copy back, no waiting
+    else:
+        assert side.waited and set(map(id, side.waited)) <= set(map(id, compute_done)) and side.syncs > 0
