@@ -217,6 +217,7 @@ def _kill_trials(out: Path, trials: int, save_s: float, rng: random.Random) -> t
     return last_best, mid_save
 
 
+@pytest.mark.slow  # 3 s idle, up to ~25 s on a loaded 2-core machine
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the trial server forks (POSIX)")
 def test_random_kill9_trials_always_leave_a_verified_checkpoint(tmp_path):
     trials = int(os.environ.get("FLUXTRAIN_KILL_TRIALS", "200"))
