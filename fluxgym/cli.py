@@ -55,7 +55,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--sample-every", type=int, default=0, help="sample every N steps (0: off)")
     g.add_argument("--resume", metavar="auto|PATH", help="resume from a state folder (auto: the newest valid one)")
     g.add_argument("--no-checkpointing", action="store_true", help="no state folders (a killed run cannot resume)")
-    g.add_argument("--trainer-script", type=Path, help="trainer entry script (default: sd-scripts/flux_train_network.py)")
+    g.add_argument("--trainer-script", type=Path,
+                   help="trainer entry script (default: sd-scripts/flux_train_network.py)")
     g.add_argument("--launcher", choices=("accelerate", "python"), default="accelerate",
                    help="run through `accelerate launch` (default) or plain python")
     g.add_argument("--extra", nargs=argparse.REMAINDER, default=[],

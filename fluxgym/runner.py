@@ -97,8 +97,8 @@ def check_before_launch(paths: ProjectPaths) -> None:
         raise RunError(f"{script} not found; run `python -m fluxgym generate {paths.slug} --vram ...` first")
     info = read_pid_file(paths.out(PID_FILE))
     if info and leader_alive(info):
-        raise RunError(f"'{paths.slug}' is already training (pid {info['pid']}); "
-                       f"see `python -m fluxgym status {paths.slug}` or stop it with `python -m fluxgym stop {paths.slug}`")
+        raise RunError(f"'{paths.slug}' is already training (pid {info['pid']}); see `python -m fluxgym status "
+                       f"{paths.slug}` or stop it with `python -m fluxgym stop {paths.slug}`")
     try:
         run_info = json.loads(paths.out("run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -106,7 +106,8 @@ def check_before_launch(paths: ProjectPaths) -> None:
     missing = [p for p in run_info.get("model_files", {}).values() if not Path(p).exists()]
     if missing:
         fetch = run_info.get("fetch", {})
-        lines = [f"  - {p}\n      get it with: {fetch.get(p, 'python -m fluxgym models download KEY')}" for p in missing]
+        hint = "python -m fluxgym models download KEY"
+        lines = [f"  - {p}\n      get it with: {fetch.get(p, hint)}" for p in missing]
         raise ModelError("missing model files:\n" + "\n".join(lines))
 
 

@@ -33,7 +33,8 @@ def test_demo_builds_everything_offline_and_idempotently(root):
     assert "Preset: cpu v1" in sh and "--mixed_precision no" in sh and "--save_state" in sh
     assert f"--tokenizer_cache_dir {models / 'tokenizers' / 'demo'}" in sh
     cfg = tomllib.loads((out / "dataset.toml").read_text())
-    assert cfg["datasets"][0]["resolution"] == RESOLUTION and cfg["datasets"][0]["subsets"][0]["class_tokens"] == TRIGGER
+    assert cfg["datasets"][0]["resolution"] == RESOLUTION
+    assert cfg["datasets"][0]["subsets"][0]["class_tokens"] == TRIGGER
     assert (out / "train.bat").is_file() and (out / "sample_prompts.txt").is_file()
     before = {k: v[0] for k, v in _snapshot(root).items()}
     model_mtimes = {p: p.stat().st_mtime_ns for p in models.rglob("*") if p.is_file()}

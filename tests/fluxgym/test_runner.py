@@ -172,3 +172,11 @@ def test_sigterm_to_the_runner_ends_the_tree(root, tmp_path):
     out, _ = runner.communicate(timeout=30)
     assert runner.returncode == 1, out.decode()
     assert _gone(pids["trainer"]) and _gone(pids["grandchild"])
+
+
+def test_exit_descriptions():
+    from fluxgym.proctree import describe_exit
+
+    assert "hang guard" in describe_exit(124)
+    assert describe_exit(-9) == "killed by signal SIGKILL"
+    assert describe_exit(1) == "exit code 1"
