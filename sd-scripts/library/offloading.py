@@ -97,6 +97,7 @@ class BlockSwapper:
         self.num_double_swapped, self.num_single_swapped = n_double, n_single
         self._transformer = transformer
         self._handles: list[Any] = []
+        self._warned = False
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         if not self.swapped:
             return
@@ -124,7 +125,12 @@ class BlockSwapper:
         for t in list(block.parameters()) + list(block.buffers()):
             master = t.data if t.device.type == "cpu" else t.data.to("cpu")
             if pin and not master.is_pinned():
-                master = master.pin_memory()  # pinned: host-to-device copies can run asynchronously
+                try:
+                    master = master.pin_memory()  # pinned: host-to-device copies can run asynchronously
+                except RuntimeError as e:  # pinned memory is limited (notably on Windows): copy synchronously
+                    logger.warning("block swap: cannot pin %d bytes of host memory (%s); copies will be slower",
+                                   master.numel() * master.element_size(), e)
+                    pin = False
             parked = torch.full_like(master, float("nan")) if poison and master.is_floating_point() else master
             out.append((t, master, parked))
         return out
@@ -156,7 +162,19 @@ class BlockSwapper:
     # -- hooks ---------------------------------------------------------------------------------
     def _on_model_forward(self) -> None:
         self._settle()
+        if not self._warned and torch.is_grad_enabled() and self._transformer.training:
+            self._warn_training_setup()
         self._request(self.swapped[0], True)  # prefetch while the embedders and resident blocks run
+
+    def _warn_training_setup(self) -> None:
+        self._warned = True
+        if not getattr(self._transformer, "gradient_checkpointing", False):
+            # autograd keeps views of each block's weights for backward, so without recomputation the
+            # device copies stay referenced until backward and the swap saves little memory.
+            logger.warning("block swap without --gradient_checkpointing saves little GPU memory while training")
+        if any(p.requires_grad for i in self.swapped for p in self.blocks[i].parameters()):
+            logger.warning("swapped blocks contain trainable parameters; block swap expects frozen base weights "
+                           "(LoRA weights live outside the blocks), optimizer steps on them are not supported")
 
     def _pre_hook(self, i: int):
         def hook(module, args, kwargs):
