@@ -156,18 +156,28 @@ class HangGuards:
             return contextlib.nullcontext(_Unbounded())  # `as d: d.detail = ...` works either way
         return _Deadline(self, site, float(seconds), hint, detail)
 
-    def guard_iterator(self, iterable: Iterable, *, site: str = "dataloader", seconds: float | None) -> Iterator:
-        """Yield from `iterable` with every next() under a deadline; DataLoader timeouts fire too."""
-        it = iter(iterable)
+    def guard_iterator(self, iterable: Iterable, *, site: str = "dataloader", seconds: float | None,
+                       map_errors: tuple[tuple[type[BaseException], str], ...] = ()) -> Iterator:
+        """Yield from `iterable` with iter() and every next() under a deadline.
+
+        torch's own DataLoader timeout (RuntimeError) fires as `site`; `map_errors` maps other
+        exception types to sites, e.g. `((CacheReadTimeout, "cache_io"),)` for a bounded cache
+        read that timed out inside a worker and was re-raised here.
+        """
+        with self.deadline(site, seconds, detail="starting the data loader"):
+            it = iter(iterable)  # worker start-up is not covered by DataLoader(timeout=...)
         while True:
             try:
-                with self.deadline(site, seconds):
+                with self.deadline(site, seconds, detail="waiting for the next batch"):
                     item = next(it)
             except StopIteration:
                 return
-            except RuntimeError as e:
+            except Exception as e:
                 if is_dataloader_timeout(e):
                     self.fire_from_exception(site, e)
+                for exc_type, exc_site in map_errors:
+                    if isinstance(e, exc_type):
+                        self.fire_from_exception(exc_site, e)
                 raise
             yield item  # outside the deadline: the caller's step time is not the loader's
 

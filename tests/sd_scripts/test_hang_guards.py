@@ -108,7 +108,7 @@ def test_fire_from_dataloader_exception_uses_same_path(tmp_path, venv_python):
 
 @pytest.mark.parametrize("loader_timeout,deadline,expect", [
     (1, 30, "RuntimeError: DataLoader timed out after 1 seconds"),  # torch's own timeout, main thread fires
-    (0, 1, "dataloader did not finish within 1 s"),  # our deadline, the watchdog thread fires
+    (0, 1, "waiting for the next batch within 1 s"),  # our deadline, the watchdog thread fires
 ])
 def test_real_dataloader_stuck_worker_exits_124(tmp_path, venv_python, loader_timeout, deadline, expect):
     """A real DataLoader with a worker stuck forever: exit 124 in bounded time, no orphaned worker."""
@@ -294,3 +294,34 @@ def test_close_removes_empty_pending_files(tmp_path):
     g.progress()  # after close: a no-op, no error
     with g.deadline("step", 1):
         pass
+
+
+class FakeCacheReadTimeout(TimeoutError):
+    pass
+
+
+def test_guard_iterator_maps_worker_errors_to_sites(guards, capsys):
+    def batches():
+        yield 1
+        raise FakeCacheReadTimeout("reading /data/a_flux.npz took longer than --cache_io_timeout 30 s")
+
+    got = []
+    with pytest.raises(SystemExit):
+        for b in guards.guard_iterator(batches(), seconds=5, map_errors=((FakeCacheReadTimeout, "cache_io"),)):
+            got.append(b)
+    assert got == [1] and guards.calls == [EXIT_HANG]
+    err = capsys.readouterr().err
+    assert "HANG GUARD [cache_io]: FakeCacheReadTimeout: reading /data/a_flux.npz" in err
+    assert guards._table == {}  # the deadline was left on the way out
+
+
+def test_guard_iterator_passes_other_errors_and_finishes(guards):
+    assert list(guards.guard_iterator(iter(range(3)), seconds=5)) == [0, 1, 2]
+
+    def broken():
+        yield 0
+        raise ValueError("bad image")
+
+    with pytest.raises(ValueError, match="bad image"):
+        list(guards.guard_iterator(broken(), seconds=5))
+    assert not guards.calls
