@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,6 +25,9 @@ FLUX_FLAG = "--pretrained_model_name_or_path"
 _ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 _WEIGHT_SUFFIXES = (".safetensors", ".sft")
+# Kept in `dtype` under fp8: the small input/output layers only. diffusers' default pattern ("norm")
+# would also keep every block's modulation Linear (norm1.linear, ~27% of FLUX's weights) in bf16.
+FP8_SKIP_PATTERNS = ("pos_embed", "^x_embedder$", "^context_embedder$", "^time_text_embed", "^norm_out", "^proj_out$")
 
 
 class ModelFileError(ValueError):
@@ -87,17 +91,40 @@ def _read_header(files: list[Path], flag: str, kind: str) -> dict[str, tuple[tup
     return out
 
 
-def _iter_tensors(files: list[Path], disable_mmap: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one safetensors file read with plain reads, one at a time: unlike the memory map,
+    pages read here are not charged to this process, so converting a 24 GB file needs ~1 tensor extra."""
+    with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
+            buf = bytearray(end - begin)
+            fh.seek(8 + n + begin)
+            if fh.readinto(buf) != len(buf):
+                raise OSError(f"{f}: file ends inside tensor {key!r} (truncated download?)")
+            flat = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+            yield key, flat.view(dtype).reshape(info["shape"])
+
+
+def _iter_tensors(files: list[Path], stream: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """All tensors of `files`. Memory-mapped (zero copy) unless `stream`, which suits loads that cast
+    every tensor anyway (fp8, fp16 file -> bf16) or filesystems where mmap misbehaves."""
     from safetensors import safe_open
-    from safetensors.torch import load as load_bytes
 
     for f in files:
-        if disable_mmap:  # read the whole file once; avoids mmap on network/FUSE filesystems
-            yield from load_bytes(f.read_bytes()).items()
+        if stream:
+            yield from _stream_file(f)
             continue
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():
                 yield k, sf.get_tensor(k)
+
+
+def _needs_cast(header: dict[str, tuple[tuple, str]], dtype) -> bool:
+    return any(d != str(dtype).removeprefix("torch.") for _, d in header.values())
 
 
 def _meta_shapes_convert(shapes: dict[str, tuple], fn: Callable[[dict], dict]) -> dict[str, tuple]:
@@ -174,13 +201,15 @@ def load_flow_model(path, *, dtype, device="cpu", fp8: bool = False, disable_mma
     torch.nn.Module.to(model, dtype)  # plain cast of the meta model; ModelMixin.to only adds a warning here
     if fp8:
         # On the meta model this only records dtypes, so real tensors are cast once, one at a time.
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
+                                       skip_modules_pattern=FP8_SKIP_PATTERNS)
     files = [Path(f) for f in info.files]
+    dtype_name = str(dtype).removeprefix("torch.")
     keymap, _ = fc.strip_bfl_prefix(_read_header(files, flag, "FLUX transformer"))
     inverse = {orig: k for k, orig in keymap.items()}
 
     def converted():
-        for key, t in _iter_tensors(files, disable_mmap):
+        for key, t in _iter_tensors(files, stream=fp8 or disable_mmap or info.dtype_name != dtype_name):
             if info.is_diffusers:
                 yield key, t
             elif key in inverse:  # other components of an all-in-one file are skipped
@@ -228,7 +257,7 @@ def load_ae(path, *, dtype, flag: str = "--ae"):
     inverse = {o: k for k, o in keymap.items()}
 
     def converted():
-        for key, t in _iter_tensors(files):
+        for key, t in _iter_tensors(files, stream=_needs_cast(header, dtype)):
             if key not in inverse:
                 continue
             k = inverse[key]
@@ -307,7 +336,8 @@ def load_clip_l(path, *, dtype, flag: str = "--clip_l"):
         model = CLIPTextModel(cfg)
     model.to(dtype)
     inverse = {o: k for k, o in keymap.items()}
-    tensors = ((inverse[k], t) for k, t in _iter_tensors(files) if k in inverse)
+    stream = _needs_cast(header, dtype)
+    tensors = ((inverse[k], t) for k, t in _iter_tensors(files, stream=stream) if k in inverse)
     _assign_state(model, tensors, flag, path, "CLIP-L text encoder")
     return model.eval().requires_grad_(False)
 
@@ -341,7 +371,7 @@ def load_t5xxl(path, *, dtype, flag: str = "--t5xxl"):
     model.to(dtype)
 
     def tensors():
-        for k, t in _iter_tensors(files):
+        for k, t in _iter_tensors(files, stream=_needs_cast(header, dtype)):
             if k == "encoder.embed_tokens.weight" and "shared.weight" not in header:
                 k = "shared.weight"  # some exports keep only the encoder copy of the tied embedding
             if k != "encoder.embed_tokens.weight":
