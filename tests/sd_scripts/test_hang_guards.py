@@ -5,11 +5,9 @@ The exit path uses os._exit, so those tests run a small script in a subprocess; 
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -31,7 +29,8 @@ PRELUDE = textwrap.dedent(
     hb.set_totals(100, 5)
     hb.phase("training")
     hb.step(42, 3)
-    g = HangGuards(out, hb, stall_dump_timeout={stall}, position=lambda: {{"phase": "training", "epoch": 3, "step": 42}})
+    where = lambda: {{"phase": "training", "epoch": 3, "step": 42}}
+    g = HangGuards(out, hb, stall_dump_timeout={stall}, position=where)
     """
 )
 
