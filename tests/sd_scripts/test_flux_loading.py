@@ -269,3 +269,17 @@ def test_wrong_kind_truncated_and_pickle_files(tiny_models, tmp_path):
     empty_dir.mkdir()
     with pytest.raises(fl.ModelFileError, match="no .safetensors"):
         fl.load_flow_model(empty_dir, dtype=torch.float32)
+
+
+def test_builder_cli(tmp_path, capsys):
+    import json
+
+    from fluxgym.tiny_flux import main
+
+    assert main([str(tmp_path), "--json"]) == 0
+    paths = json.loads(capsys.readouterr().out)
+    assert set(paths) == {"unet", "clip_l", "t5xxl", "ae", "tokenizer_cache_dir"}
+    assert all(Path(p).exists() for p in paths.values())
+    with pytest.raises(SystemExit) as ei:
+        main([str(tmp_path), "--width", "huge"])
+    assert ei.value.code == 2
