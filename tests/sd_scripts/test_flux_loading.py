@@ -283,3 +283,12 @@ def test_builder_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as ei:
         main([str(tmp_path), "--width", "huge"])
     assert ei.value.code == 2
+
+
+def test_streamed_read_equals_memory_mapped_read(dit, tiny_models):
+    streamed = fl.load_flow_model(tiny_models["unet"], dtype=torch.float32, disable_mmap=True)
+    a, b = _params(streamed), _params(dit)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    raw = dict(fl._stream_file(Path(tiny_models["t5xxl"])))
+    ref = load_file(str(tiny_models["t5xxl"]))
+    assert raw.keys() == ref.keys() and all(torch.equal(raw[k], ref[k]) and raw[k].dtype == ref[k].dtype for k in ref)
