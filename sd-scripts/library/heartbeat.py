@@ -35,6 +35,8 @@ class Heartbeat:
         self.path = Path(output_dir) / FILE_NAME
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in self.path.parent.glob(f".{FILE_NAME}.tmp-*"):  # left by a run killed mid-write
+                stale.unlink()
         except OSError:
             pass  # reported by the first write instead
         self._min_interval = float(min_interval)

@@ -46,6 +46,12 @@ def test_schema_and_state_transitions(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [FILE_NAME]  # no temp files left
 
 
+def test_stale_temp_file_from_killed_run_is_removed(tmp_path):
+    (tmp_path / f".{FILE_NAME}.tmp-99999").write_text('{"half": ')
+    Heartbeat(tmp_path).phase("loading")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FILE_NAME]
+
+
 def test_unknown_phase_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="not one of"):
         Heartbeat(tmp_path).phase("thinking")
