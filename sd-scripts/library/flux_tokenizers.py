@@ -30,11 +30,12 @@ class TokenizerNotFoundError(RuntimeError):
 
 def _not_found(what: str, hub_id: str, dirname: str, cache_dir) -> TokenizerNotFoundError:
     where = f"{cache_dir}/{dirname}" if cache_dir else f"<dir>/{dirname}"
+    cls = "CLIPTokenizer" if "clip" in dirname else "T5TokenizerFast"
     return TokenizerNotFoundError(
-        f"{what} tokenizer not found offline (looked in {where} and the Hugging Face cache for {hub_id}). "
-        f"Pass --tokenizer_cache_dir DIR where DIR/{dirname} holds the tokenizer files (saved with "
-        f"save_pretrained on a machine with network, or copied from the Hugging Face cache); on a machine "
-        f"with network, running once with --tokenizer_cache_dir DIR fills it.")
+        f"{what} tokenizer not found offline (looked in {where} and the Hugging Face cache for {hub_id}); "
+        f"this trainer never downloads. Pass --tokenizer_cache_dir DIR where DIR/{dirname} holds the tokenizer "
+        f"files. To make it on a machine with network: python -c \"from transformers import {cls}; "
+        f"{cls}.from_pretrained('{hub_id}').save_pretrained('DIR/{dirname}')\" and copy DIR over.")
 
 
 # transformers 5 silently returns an empty tokenizer for a folder or hub id without tokenizer files,
