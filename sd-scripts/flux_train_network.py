@@ -35,6 +35,8 @@ def _setup_logging(ns: argparse.Namespace) -> None:
     fmt = "%(message)s" if ns.console_log_simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler = logging.FileHandler(ns.console_log_file) if ns.console_log_file else logging.StreamHandler()
     logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+    # bitsandbytes warns on CPU-only machines about optional kernels it never needs here.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for noisy in ("PIL", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(exc: BaseException) -> bool:
     """Our own clear errors (bad file, bad flag, mismatch) print one line; anything else keeps its traceback."""
     names = {"SettingsError", "ModelFileError", "TokenizerNotFoundError", "DatasetConfigError",
-             "ResumeMismatchError", "ConfigFileError", "CacheError"}
+             "ResumeMismatchError", "ConfigFileError", "CacheError", "CheckpointLoadError", "LoRAWeightsError",
+             "SamplePromptError", "DatasetError"}
     return type(exc).__name__ in names or isinstance(exc, FileNotFoundError)
 
 

@@ -119,7 +119,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
     group.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     group.add_argument("--fp8_base", action="store_true")
-    group.add_argument("--ddp_timeout", type=int, default=None, help="minutes; bounds every multi-process barrier")
+    group.add_argument("--ddp_timeout", type=float, default=None,
+                       help="minutes (fractions allowed); bounds every multi-process barrier and collective")
     group.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"])
     group.add_argument("--lowram", action="store_true", help="accepted; no effect on this trainer")
     group.add_argument("--highvram", action="store_true", help="accepted; no effect on this trainer")

@@ -18,13 +18,22 @@ def injected_site() -> str | None:
     return site or None
 
 
+def _matches(site: str) -> bool:
+    """`site` stalls every process; `site@N` only the process whose RANK is N (multi-process tests)."""
+    wanted = os.environ.get(ENV_VAR)
+    if not wanted:
+        return False
+    name, _, rank = wanted.partition("@")
+    return name == site and (not rank or os.environ.get("RANK", "0") == rank)
+
+
 def inject_point(site: str) -> None:
     """Stall forever when this site is the injected one; otherwise return at once.
 
     The loop sleeps in short slices so a signal handler (SIGALRM bounds) can raise
     inside it, like it would inside a real blocking read.
     """
-    if os.environ.get(ENV_VAR) != site:
+    if not _matches(site):
         return
     while True:
         time.sleep(0.5)

@@ -338,6 +338,11 @@ class HangGuards:
         new = self._open_pending(kind)
         if not stall:
             self._register_sigusr1(new)
+        elif new is not None and not self._closed:
+            # progress() may have re-armed the timer with the file just closed (between the dump and this
+            # rename); re-arm with the new file so a stall that starts now still gets its dump.
+            faulthandler.dump_traceback_later(self.stall_dump_timeout, repeat=False, file=new)
+            self._armed_at = time.monotonic()
         return new
 
     def close(self) -> None:

@@ -133,7 +133,7 @@ class GuardSettings:
     sample_timeout: float
     save_timeout: float
     stall_dump_timeout: float
-    ddp_timeout_minutes: int | None
+    ddp_timeout_minutes: float | None
 
 
 @dataclass(frozen=True)

@@ -155,11 +155,16 @@ def sync_gradients(trainer) -> None:
         return
     import torch.distributed as dist
 
-    for param in trainer.trainable_params:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-        param.grad /= trainer.accelerator.num_processes
+    minutes = trainer.s.guards.ddp_timeout_minutes
+    # FIX: a rank that never arrives used to hold the others in this collective for the backend's default
+    # (10-30 min); --ddp_timeout bounds it on every backend, not only where the process-group timeout works.
+    with trainer.guards.deadline("ddp", minutes * 60 if minutes else None, hint=HINTS["ddp"],
+                                 detail="gradient all-reduce: waiting for the other processes"):
+        for param in trainer.trainable_params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= trainer.accelerator.num_processes
 
 
 def maybe_sample(trainer, *, at_epoch_end: bool, first: bool = False) -> None:
@@ -173,10 +178,10 @@ def maybe_sample(trainer, *, at_epoch_end: bool, first: bool = False) -> None:
         and step % sample.every_n_steps == 0)
     if not due:
         return
-    trainer.accelerator.wait_for_everyone()
+    trainer.barrier()
     if trainer.accelerator.is_main_process:
         generate_samples(trainer)
-    trainer.accelerator.wait_for_everyone()
+    trainer.barrier()
 
 
 def generate_samples(trainer) -> None:
@@ -222,7 +227,8 @@ def run_training_loop(trainer) -> None:
     while pos.step < trainer.max_train_steps:
         if current_epoch != pos.epoch:
             current_epoch = pos.epoch
-            print(f"\nepoch {pos.epoch + 1}/{trainer.num_epochs}", flush=True)
+            if trainer.is_main:
+                print(f"\nepoch {pos.epoch + 1}/{trainer.num_epochs}", flush=True)
         batch = next_batch(trainer, iterator)
         if batch is None:
             break
@@ -262,7 +268,7 @@ def end_epoch(trainer) -> None:
     s, pos = trainer.s, trainer.pos
     pos.epoch += 1
     pos.batch_in_epoch = 0
-    trainer.accelerator.wait_for_everyone()
+    trainer.barrier()
     every = s.save.every_n_epochs
     if every and pos.epoch % every == 0 and pos.epoch < trainer.num_epochs:
         trainer.save_checkpoint(kind="epoch", with_state=s.save.save_state)
@@ -270,6 +276,8 @@ def end_epoch(trainer) -> None:
 
 
 def print_run_summary(trainer) -> None:
+    if not trainer.is_main:
+        return
     print("running training")
     print(f"  num train images * repeats: {trainer.dataset.num_train_images}")
     print(f"  num batches per epoch: {trainer.batches_per_epoch}")

@@ -31,6 +31,13 @@ def _is_cache_timeout(exc: BaseException) -> bool:
     return type(exc).__name__ == "CacheReadTimeout" or "cache_io_timeout" in str(exc)
 
 
+class _SilentHeartbeat:
+    """Heartbeat stand-in for ranks other than the main one."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 class TrainingPosition:
     """Where the run is: absolute optimizer steps, completed epochs, and the data cursor."""
 
@@ -53,9 +60,9 @@ class FluxLoRATrainer:
 
     # ------------------------------------------------------------------ table of contents
     def train(self) -> int:
+        self.setup_accelerator()
         self.prepare_output_dir()
         try:
-            self.setup_accelerator()
             self.load_tokenizers()
             self.build_dataset()
             self.load_models()
@@ -87,9 +94,12 @@ class FluxLoRATrainer:
         out.mkdir(parents=True, exist_ok=True)
         from library import atomic_io
 
-        for leftover in atomic_io.cleanup_leftovers(out):
-            log.warning("removed an unfinished checkpoint left by a killed run: %s", leftover)
-        self.heartbeat = Heartbeat(out)
+        if self.is_main:
+            # A run killed between the two renames that replace NAME-state gets that checkpoint back.
+            for leftover in atomic_io.cleanup_leftovers(out, is_complete=checkpoint_validation.is_complete_staged):
+                log.warning("removed an unfinished checkpoint left by a killed run: %s", leftover)
+        # One heartbeat per run: the main process speaks for all ranks (its pid owns the process tree).
+        self.heartbeat = Heartbeat(out) if self.is_main else _SilentHeartbeat()
         self.guards = HangGuards(out, self.heartbeat, stall_dump_timeout=self.s.guards.stall_dump_timeout,
                                  position=lambda: {"phase": self.phase, **self.pos.as_dict()})
         self.set_phase("loading", "loading models")
@@ -108,14 +118,25 @@ class FluxLoRATrainer:
         handlers = []
         if self.s.guards.ddp_timeout_minutes:
             handlers.append(InitProcessGroupKwargs(timeout=_dt.timedelta(minutes=self.s.guards.ddp_timeout_minutes)))
-        print("preparing accelerator")
-        self.accelerator = Accelerator(mixed_precision=self.s.run.mixed_precision, kwargs_handlers=handlers)
+        print("preparing accelerator", flush=True)
+        # Without cpu=True, processes started by `accelerate launch`/torchrun on a machine with no CUDA
+        # each see a world of one (measured, deps-notes §9); with it they form a gloo group.
+        self.accelerator = Accelerator(mixed_precision=self.s.run.mixed_precision, kwargs_handlers=handlers,
+                                       cpu=not torch.cuda.is_available())
         print(f"accelerator device: {self.accelerator.device}")
         set_seed(self.s.run.seed)
         self.device = self.accelerator.device
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.s.run.mixed_precision,
                                                                                torch.float32)
         self.is_main = self.accelerator.is_main_process
+
+    def barrier(self, what: str = "waiting for the other processes") -> None:
+        """wait_for_everyone, bounded by --ddp_timeout so one stuck rank cannot park the others for 30 min."""
+        if self.accelerator.num_processes == 1:
+            return
+        minutes = self.s.guards.ddp_timeout_minutes
+        with self.guards.deadline("ddp", minutes * 60 if minutes else None, hint=HINTS["ddp"], detail=what):
+            self.accelerator.wait_for_everyone()
 
     def load_tokenizers(self) -> None:
         from library import flux_tokenizers
@@ -183,7 +204,7 @@ class FluxLoRATrainer:
             batch_size=self.s.data.vae_batch_size, io_timeout=self.s.guards.cache_io_timeout,
             fingerprint=caching.file_identity(self.s.model.ae_path))
         self.ae.to("cpu")
-        self.accelerator.wait_for_everyone()
+        self.barrier()
 
     def text_fingerprint(self) -> str:
         from library import caching
@@ -221,7 +242,7 @@ class FluxLoRATrainer:
             if not self.train_clip:
                 self.clip_l.to("cpu")
             gc.collect()
-        self.accelerator.wait_for_everyone()
+        self.barrier()
 
     def encode_sample_prompts(self) -> None:
         if not self.s.sample.enabled:
@@ -249,10 +270,11 @@ class FluxLoRATrainer:
         if net.weights:
             self.network.load_weights(net.weights)
             print(f"loaded network weights from {net.weights}")
-        self.transformer.to(self.device)
+        if not self.s.run.blocks_to_swap:
+            self.transformer.to(self.device)
         if self.train_clip:
             self.clip_l.to(self.device)
-        self.setup_block_swap()
+        self.setup_block_swap()  # with swapping, only the blocks that stay resident go to the device
         if self.s.run.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
             if self.train_clip:
@@ -269,6 +291,10 @@ class FluxLoRATrainer:
         self.block_swapper = BlockSwapper(
             self.transformer, self.s.run.blocks_to_swap, self.device, timeout=self.s.guards.block_swap_timeout,
             on_timeout=lambda detail: self.guards.fire("block_swap", detail, HINTS["block_swap"]))
+        self.block_swapper.move_to_device_except_swapped()
+        if not self.s.run.gradient_checkpointing:
+            log.warning("--blocks_to_swap saves little memory without --gradient_checkpointing: autograd keeps "
+                        "each block's weights alive until backward")
 
     def create_optimizer(self) -> None:
         from library import optim
@@ -305,18 +331,27 @@ class FluxLoRATrainer:
         if not target:
             return
         out = self.s.save.output_dir
-        if target == "auto":
-            found = checkpoint_validation.newest_valid_state(out, self.s.save.output_name)
-            if found is None:
-                print(f"--resume auto: no valid state folder in {out}; starting from scratch")
-                return
-            target = str(found.path)
-        path = Path(target)
-        if not path.is_dir():
-            raise SettingsError(f"--resume {target}: not a state folder (expected NAME-...-state). "
-                                f"List candidates with: python tools/find_checkpoint.py {out} --list")
-        info = checkpoint_io.load_state_folder(path, accelerator=self.accelerator,
-                                               resume_settings=self.s.resume_settings())
+        if target != "auto":
+            path = Path(target)
+            if not path.is_dir():
+                raise SettingsError(f"--resume {target}: not a state folder (expected NAME-...-state). "
+                                    f"List candidates with: python tools/find_checkpoint.py {out} --list")
+            self.restore_state(checkpoint_io.load_state_folder(path, accelerator=self.accelerator,
+                                                               resume_settings=self.s.resume_settings()))
+            return
+        # --resume auto: newest valid state by step; one that fails to load falls back to the next older.
+        for candidate in checkpoint_validation.iter_valid_states(out, self.s.save.output_name):
+            try:
+                info = checkpoint_io.load_state_folder(candidate.path, accelerator=self.accelerator,
+                                                       resume_settings=self.s.resume_settings())
+            except checkpoint_io.CheckpointLoadError as exc:
+                log.warning("--resume auto: skipping %s: %s", candidate.path, exc)
+                continue
+            self.restore_state(info)
+            return
+        print(f"--resume auto: no valid state folder in {out}; starting from scratch")
+
+    def restore_state(self, info) -> None:
         for warning in info.warnings:
             log.warning("resume: %s", warning)
         self.pos.step = info.step
@@ -328,9 +363,9 @@ class FluxLoRATrainer:
             self.pos.epoch, self.pos.batch_in_epoch = divmod(info.step, self.batches_per_epoch)
         if self.pos.batch_in_epoch >= self.batches_per_epoch:
             self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
-        print(f"resumed from {path}: step {self.pos.step}, epoch {self.pos.epoch + 1}, "
+        print(f"resumed from {info.path}: step {self.pos.step}, epoch {self.pos.epoch + 1}, "
               f"batch {self.pos.batch_in_epoch} of {self.batches_per_epoch}")
-        self.heartbeat.checkpoint(str(path))
+        self.heartbeat.checkpoint(str(info.path))
 
     def record_loss(self, loss: float) -> None:
         self.step_losses.append(loss)
@@ -347,7 +382,7 @@ class FluxLoRATrainer:
 
     def save_checkpoint(self, *, kind: str, with_state: bool) -> None:
         """Write the LoRA file (and state folder) for this point of the run: kind epoch|step|last."""
-        self.accelerator.wait_for_everyone()
+        self.barrier()
         if not self.is_main:
             return
         name, out = self.s.save.output_name, self.s.save.output_dir
@@ -405,5 +440,6 @@ class FluxLoRATrainer:
         if self.block_swapper is not None:
             self.block_swapper.close()
         self.accelerator.end_training()
-        print("model saved.")
+        if self.is_main:
+            print("model saved.")
         sys.stdout.flush()
