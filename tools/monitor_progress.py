@@ -1,0 +1,335 @@
+"""Progress tracking for tools/training_monitor.py: is the run moving, and which phase is it in?
+
+- `LogParser`: finds upstream progress markers in console output (tqdm `steps:` bar, `epoch k/E`,
+  saving/caching/sampling lines), splitting on `\\r` as well as `\\n`.
+- `ProgressTracker`: merges heartbeat.json (most trusted), log markers and file activity in the output
+  folder into one "last progress" time per phase, applies per-phase deadlines and the slow-crawl warning.
+Stdlib only; GPU utilisation is deliberately not an input here.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import re
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HEARTBEAT_NAME = "heartbeat.json"
+# Files the monitor itself or the heartbeat writer touch all the time: never "progress".
+_OWN_FILES = re.compile(r"^(train\.log|training_monitor\.log|heartbeat\.json|\.heartbeat\.json\.tmp-.*|stall-.*\.txt)$")
+_MARKERS = re.compile(
+    r"(?P<bar>(?:(?P<desc>[A-Za-z][\w ]*?):\s*)?\d{1,3}%\|[^|\n]*\|\s*(?P<n>\d+)/(?P<m>\d+))"
+    r"|^\s*epoch (?P<ep>\d+)/(?P<eps>\d+)\s*$"
+    r"|(?P<saving>saving checkpoint|saving state|saving last state)"
+    r"|(?P<caching_latents>caching latents)"
+    r"|(?P<caching_text>caching Text Encoder outputs)"
+    r"|(?P<sampling>generating sample images)"
+    r"|(?P<done>model saved\.)"
+    r"|(?P<failed>HANG GUARD \[)",
+    re.M,
+)
+# Cheap substring tests so a flood of unrelated output never reaches the regex engine.
+_HINTS = ("%|", "epoch ", "saving", "caching", "generating sample", "model saved", "HANG GUARD")
+_CARRY_MAX = 4096
+PHASES_LOADING = ("loading",)
+PHASES_CACHING = ("caching_latents", "caching_text", "caching")
+
+
+@dataclass
+class Deadlines:
+    """Seconds without progress after which each phase counts as stuck."""
+
+    loading: float = 1800.0
+    caching: float = 1800.0
+    saving: float = 900.0
+    sampling: float = 900.0
+    stuck_threshold: float = 300.0  # floor of the training-step deadline
+    first_step: float = 600.0  # until a few step times are known (compile, warm-up)
+    step_factor: float = 5.0  # step deadline = max(stuck_threshold, step_factor x p99 step time)
+    crawl_factor: float = 10.0
+    crawl_steps: int = 3
+    min_samples: int = 3
+
+    def for_phase(self, phase: str, step_times: list[float]) -> float:
+        if phase in PHASES_CACHING:
+            return self.caching
+        if phase in ("saving", "done"):
+            return self.saving
+        if phase == "sampling":
+            return self.sampling
+        if phase == "training":
+            if len(step_times) < self.min_samples:
+                return max(self.stuck_threshold, self.first_step)
+            ordered = sorted(step_times)
+            p99 = ordered[min(len(ordered) - 1, int(0.99 * (len(ordered) - 1) + 0.5))]
+            return max(self.stuck_threshold, self.step_factor * p99)
+        if phase == "failed":  # our trainer's own guard fired and is exiting; give it a short grace
+            return self.stuck_threshold
+        return self.loading
+
+
+@dataclass
+class LogState:
+    phase: str = "loading"
+    step: int | None = None
+    total: int | None = None
+    epoch: int | None = None
+    total_epochs: int | None = None
+    changes: int = 0  # bumps on every marker that means "something moved"
+
+
+class LogParser:
+    """Feed raw byte chunks; keeps the upstream-visible state. Not thread-safe (the tracker locks)."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.state = LogState()
+        self._clock = clock
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._carry = ""
+        self.step_events: list[tuple[int, float]] = []  # (new step, clock when it was printed) since last take
+
+    def feed(self, chunk: bytes) -> None:
+        text = self._carry + self._decoder.decode(chunk)
+        cut = max(text.rfind("\n"), text.rfind("\r"))
+        if cut < 0:
+            self._carry = text[-_CARRY_MAX:]
+            return
+        self._carry = text[cut + 1:][-_CARRY_MAX:]
+        body = text[: cut + 1]
+        if not any(h in body for h in _HINTS):
+            return
+        for m in _MARKERS.finditer(body.replace("\r", "\n")):
+            self._apply(m)
+
+    def _apply(self, m: re.Match) -> None:
+        st = self.state
+        if m.group("bar"):
+            n, total = int(m.group("n")), int(m.group("m"))
+            desc = (m.group("desc") or "").strip()
+            if desc.endswith("steps"):
+                if st.step is None or n != st.step:
+                    if st.step is None or n > st.step:
+                        self.step_events.append((n, self._clock()))
+                    st.step, st.total, st.phase = n, total, "training"
+                    st.changes += 1
+            else:
+                st.changes += 1  # caching/sampling bars without description: the phase is alive
+            return
+        if m.group("ep"):
+            st.epoch, st.total_epochs, st.phase = int(m.group("ep")), int(m.group("eps")), "training"
+            st.changes += 1
+            return
+        for name in ("saving", "caching_latents", "caching_text", "sampling", "done", "failed"):
+            if m.group(name):
+                st.phase = name
+                st.changes += 1
+                return
+
+
+def read_heartbeat(output_dir: Path) -> dict | None:
+    try:
+        with open(output_dir / HEARTBEAT_NAME, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def file_signature(output_dir: Path, limit: int = 5000) -> tuple[int, int, int]:
+    """(count, total size, newest mtime) of the output folder and its direct subfolders (state dirs, sample/)."""
+    count = size = newest = 0
+    try:
+        top = list(os.scandir(output_dir))
+    except OSError:
+        return (0, 0, 0)
+    stack = [(e, True) for e in top]
+    while stack and count < limit:
+        entry, descend = stack.pop()
+        if _OWN_FILES.match(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if entry.is_dir(follow_symlinks=False):
+                if descend:
+                    stack.extend((e, False) for e in os.scandir(entry.path))
+                continue
+        except OSError:
+            continue
+        count += 1
+        size += st.st_size
+        newest = max(newest, st.st_mtime_ns)
+    return (count, size, newest)
+
+
+@dataclass
+class Stall:
+    phase: str
+    step: int | None
+    idle_s: float
+    deadline_s: float
+    source: str  # "heartbeat" or "log"
+
+    def describe(self) -> str:
+        return (
+            f"no progress for {self.idle_s:.0f} s in phase '{self.phase}' (step {self.step}); "
+            f"the deadline for this phase is {self.deadline_s:.0f} s"
+        )
+
+
+@dataclass
+class ProgressTracker:
+    """One per launch. `feed` may be called from the output thread; everything else from the main loop."""
+
+    output_dir: Path
+    deadlines: Deadlines
+    clock: callable = time.monotonic
+    started_wall: float = field(default_factory=time.time)
+    resume_step: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self.parser = LogParser(self.clock)
+        now = self.clock()
+        self.last_progress = now
+        self._phase_seen_at = now
+        self._hb_key = None
+        self._log_changes = 0
+        self._files = file_signature(self.output_dir)
+        self.step_times: deque[float] = deque(maxlen=500)
+        self._last_step: tuple[int, float] | None = None  # (step, clock) of the last step seen in training
+        self._slow_run = 0
+        self._crawl_reported = False
+        self.heartbeat: dict | None = None
+        self.max_step: int | None = None
+        self.first_step: int | None = None
+        self._last_phase = "loading"
+
+    def adopt_heartbeat(self) -> None:
+        """Attach mode: count idle time from the heartbeat's own timestamp, not from when we attached."""
+        hb = read_heartbeat(self.output_dir)
+        if hb is None or not isinstance(hb.get("time"), (int, float)):
+            return
+        self.heartbeat = hb
+        self._hb_key = (hb.get("phase"), hb.get("step"), hb.get("time"), hb.get("epoch"))
+        self._last_phase = self.phase
+        self.last_progress = self.clock() - max(0.0, time.time() - hb["time"])
+
+    def feed(self, chunk: bytes) -> None:
+        with self._lock:
+            self.parser.feed(chunk)
+
+    # -- what the run says ---------------------------------------------------------------------
+    def _fresh_heartbeat(self) -> dict | None:
+        hb = read_heartbeat(self.output_dir)
+        # A heartbeat from an earlier run (or attempt) is older than this launch: ignore it.
+        if hb is None or not isinstance(hb.get("time"), (int, float)) or hb["time"] < self.started_wall - 2.0:
+            return None
+        return hb
+
+    @property
+    def phase(self) -> str:
+        if self.heartbeat is not None and isinstance(self.heartbeat.get("phase"), str):
+            return self.heartbeat["phase"]
+        return self.parser.state.phase
+
+    @property
+    def step(self) -> int | None:
+        if self.heartbeat is not None and isinstance(self.heartbeat.get("step"), int):
+            return self.heartbeat["step"]
+        return self.parser.state.step
+
+    def advanced(self) -> bool:
+        """Did this launch get past the step it resumed from (or, for relative log counters, move at all)?"""
+        if self.max_step is None:
+            return False
+        if self.heartbeat is not None:
+            return self.max_step > self.resume_step
+        return self.first_step is not None and self.max_step > self.first_step
+
+    # -- polling -------------------------------------------------------------------------------
+    def poll(self) -> list[dict]:
+        """Read all signals once; returns warning events (slow crawl)."""
+        now = self.clock()
+        events: list[dict] = []
+        with self._lock:
+            log_changes = self.parser.state.changes
+            step_events, self.parser.step_events = self.parser.step_events, []
+        hb = self._fresh_heartbeat()
+        if hb is not None:
+            self.heartbeat = hb
+            key = (hb.get("phase"), hb.get("step"), hb.get("time"), hb.get("epoch"))
+            if key != self._hb_key:
+                self._hb_key = key
+                self.last_progress = now
+                if isinstance(hb.get("step"), int):  # stamped with the heartbeat's own time, not ours
+                    at = now - max(0.0, time.time() - float(hb["time"]))
+                    step_events = sorted([*step_events, (hb["step"], at)])
+        if log_changes != self._log_changes:
+            self._log_changes = log_changes
+            self.last_progress = now
+        phase = self.phase
+        if phase != self._last_phase:
+            self._last_phase = phase
+            self.last_progress = now
+            self._last_step = None  # time spent saving/sampling is not step time
+        if phase not in ("training",):
+            sig = file_signature(self.output_dir)
+            if sig != self._files:
+                self._files = sig
+                self.last_progress = now
+        for step, at in step_events:
+            events.extend(self._record_step(step, at, phase))
+        return events
+
+    def _record_step(self, step: int, now: float, phase: str) -> list[dict]:
+        if self.first_step is None:
+            self.first_step = step
+        if self.max_step is not None and step <= self.max_step:
+            return []
+        prev_max, self.max_step = self.max_step, step
+        if phase != "training" or self._last_step is None or prev_max is None:
+            self._last_step = (step, now)
+            return []
+        last_step, last_t = self._last_step
+        self._last_step = (step, now)
+        n = max(1, step - last_step)
+        per_step = (now - last_t) / n
+        events = self._crawl_check(per_step, step, n)
+        # One entry per step (capped), so that a poll seeing many fast steps weighs as much as they did.
+        self.step_times.extend([per_step] * min(n, 20))
+        return events
+
+    def _crawl_check(self, per_step: float, step: int, n: int) -> list[dict]:
+        if len(self.step_times) < 5:
+            return []
+        med = statistics.median(self.step_times)
+        if med > 0 and per_step > self.deadlines.crawl_factor * med:
+            self._slow_run += n
+        else:
+            self._slow_run = 0
+            self._crawl_reported = False
+        if self._slow_run >= self.deadlines.crawl_steps and not self._crawl_reported:
+            self._crawl_reported = True
+            return [{
+                "event": "crawl", "step": step, "step_time_s": round(per_step, 3), "median_s": round(med, 3),
+                "message": (
+                    f"training is crawling: the last {self._slow_run} steps took {per_step:.1f} s each, over "
+                    f"{self.deadlines.crawl_factor:g}x the median {med:.2f} s (system-memory fallback or swapping?); "
+                    "not stopping it"
+                ),
+            }]
+        return []
+
+    def check(self) -> Stall | None:
+        phase = self.phase
+        deadline = self.deadlines.for_phase(phase, list(self.step_times))
+        idle = self.clock() - self.last_progress
+        if idle > deadline:
+            return Stall(phase, self.step, idle, deadline, "heartbeat" if self.heartbeat else "log")
+        return None
