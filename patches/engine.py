@@ -356,7 +356,7 @@ def _remove_state(root: Path) -> None:
 
 def _marked_files(root: Path) -> list:
     found = []
-    for path in list(root.glob("*.py")) + list((root / "library").glob("*.py")):
+    for path in list(root.glob("*.py")) + list((root / "library").rglob("*.py")):
         if _has_markers(path.read_bytes()):
             found.append(path)
     return sorted(found)

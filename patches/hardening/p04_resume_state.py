@@ -2,15 +2,17 @@
 
 Rewrites `accelerator.save_state(...)` to `save_state_at_step(accelerator, <step or None>, ...)` and
 `accelerator.load_state(...)` to `load_state_with_fallback(accelerator, ...)` wherever they appear in the
-monolith (`library/train_util.py`) or the split layout (`library/checkpoint_io.py`, `library/args.py`).
+monolith (`library/train_util.py`) or the split layout (`library/checkpoint_io.py`, `library/args.py`), and in any
+other `library/` module that defines one of the save/resume functions (they keep moving while upstream splits files).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-from patches.astedit import HELPER_ALIAS, Drift, Site, Source, function_params, replace_callee
+from patches.astedit import HELPER_ALIAS, Drift, Site, Source, dotted_name, function_params, replace_callee
 
 ID = "P04"
 TITLE = "resume-state"
@@ -29,8 +31,21 @@ STEP_PARAMS = ("step_no", "global_step", "step", "current_step")
 HELPERS = {"save_state": f"{HELPER_ALIAS}.save_state_at_step", "load_state": f"{HELPER_ALIAS}.load_state_with_fallback"}
 
 
+_DEFINES_TARGET = re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+(?:%s)[ \t]*\(" % "|".join(SAVE_FUNCS + LOAD_FUNCS), re.M)
+_OWN_HELPER = "fluxtrain_hardening.py"
+
+
 def candidate_files(root: Path) -> list:
-    return list(FILES)
+    """The known homes, then every other `library/` module (sub-packages too) defining a save/resume function."""
+    names = list(FILES)
+    library = root / "library"
+    for path in sorted(library.rglob("*.py")) if library.is_dir() else []:
+        rel = path.relative_to(root).as_posix()
+        if rel in names or path.name == _OWN_HELPER or "__pycache__" in path.parts:
+            continue
+        if _DEFINES_TARGET.search(path.read_text(encoding="utf-8", errors="replace")):
+            names.append(rel)
+    return names
 
 
 def _kind(call: ast.Call) -> str | None:
@@ -52,6 +67,17 @@ def _step_argument(src: Source, call: ast.Call) -> str:
     return next((p for p in STEP_PARAMS if p in params), "None")
 
 
+def _delegates(src: Source, func) -> bool:
+    """True for a thin wrapper such as `return checkpoint_io.<same name>(...)` (no accelerator call of its own)."""
+    if any(_kind(c) for c in src.calls(func)):
+        return False
+    for call in src.calls(func):
+        name = dotted_name(call.func)
+        if name and name.split(".")[-1] == func.name and name != func.name:
+            return True
+    return False
+
+
 def find_sites(relpath: str, src: Source) -> list:
     sites = []
     for call in src.calls():
@@ -67,6 +93,8 @@ def find_sites(relpath: str, src: Source) -> list:
         sites.append(site)
     for name in SAVE_FUNCS + LOAD_FUNCS:
         for func in src.functions(name):
+            if _delegates(src, func):
+                continue  # a backward-compatible wrapper calling the moved function: patched where it now lives
             if not any(_kind(c) for c in src.calls(func)):
                 what = "accelerator.save_state" if name in SAVE_FUNCS else "accelerator.load_state"
                 raise Drift(relpath, src.qualname(func.body[0]), f"no {what}(...) call found in it")

@@ -112,12 +112,50 @@ class CacheReadTimeout(TimeoutError):
     """A cache file read did not finish within FLUXTRAIN_CACHE_IO_TIMEOUT."""
 
 
+class _InMemoryArchive:
+    """Stands in for `NpzFile.zip`: `open(member)` gives that member's `.npy` bytes, rebuilt from memory.
+
+    Newer upstream code reads an array's shape from the member header through `npz._files` and
+    `npz.zip.open(...)` instead of loading it; this keeps that working on an already materialised read.
+    """
+
+    def __init__(self, arrays):
+        self._arrays = arrays
+
+    def namelist(self):
+        return [f"{key}.npy" for key in self._arrays]
+
+    def open(self, name, mode="r", *args, **kwargs):
+        import io
+
+        import numpy as np
+
+        key = name[: -len(".npy")] if name.endswith(".npy") and name not in self._arrays else name
+        if key not in self._arrays:
+            raise KeyError(f"There is no item named {name!r} in the archive")
+        buffer = io.BytesIO()
+        np.lib.format.write_array(buffer, np.asanyarray(self._arrays[key]), allow_pickle=True)
+        buffer.seek(0)
+        return buffer
+
+
 class NpzArrays(dict):
-    """All arrays of one `.npz`, already in memory; answers `in`, `[key]`, `.files` and `.close()` like NpzFile."""
+    """All arrays of one `.npz`, already in memory; answers `in`, `[key]`, `.files`, `.close()`, `with`,
+    and the `_files`/`zip` internals some upstream revisions use for header-only shape reads, like NpzFile."""
 
     @property
     def files(self):
         return list(self.keys())
+
+    @property
+    def _files(self):
+        members = {key: f"{key}.npy" for key in self}
+        members.update({name: name for name in members.values()})
+        return members
+
+    @property
+    def zip(self):
+        return _InMemoryArchive(self)
 
     def close(self):
         pass
