@@ -141,6 +141,7 @@ class HangGuards:
         self._fire_lock = threading.Lock()  # taken once and never released: only one fire() runs
         self._pid = os.getpid()
         self._armed_at = -1e18
+        self._armed_wall = 0.0  # wall-clock time of the last arming, compared with a dump file's mtime
         self._dump_lock = threading.Lock()  # progress() (main thread) vs the watchdog swapping files
         self._stall_file = self._open_pending("stall")
         self._signal_file = self._open_pending("stacks")
@@ -285,6 +286,7 @@ class HangGuards:
             if self._stall_file is not None:
                 faulthandler.dump_traceback_later(self.stall_dump_timeout, repeat=False, file=self._stall_file)
                 self._armed_at = now
+                self._armed_wall = time.time()
 
     def _open_pending(self, kind: str):
         # faulthandler writes from C (no GIL) to an fd opened in advance, so the dump goes to a hidden
@@ -323,8 +325,10 @@ class HangGuards:
         if f is None:
             return None
         try:
-            if os.fstat(f.fileno()).st_size == 0:
+            stat = os.fstat(f.fileno())
+            if stat.st_size == 0:
                 return f
+            dumped_at = stat.st_mtime
             time.sleep(0.05)  # let faulthandler finish writing before the rename
             f.close()
             path = _unique_path(self.output_dir, prefix)
@@ -338,9 +342,9 @@ class HangGuards:
         new = self._open_pending(kind)
         if not stall:
             self._register_sigusr1(new)
-        elif new is not None and not self._closed:
-            # progress() may have re-armed the timer with the file just closed (between the dump and this
-            # rename); re-arm with the new file so a stall that starts now still gets its dump.
+        elif new is not None and not self._closed and self._armed_wall >= dumped_at:
+            # progress() re-armed the timer after this dump, with the file just closed: re-arm with the new
+            # file so a stall that starts now still gets its dump. (No progress since: one dump is enough.)
             faulthandler.dump_traceback_later(self.stall_dump_timeout, repeat=False, file=new)
             self._armed_at = time.monotonic()
         return new
