@@ -50,13 +50,13 @@ class Deadlines:
     saving: float = 900.0
     sampling: float = 900.0
     stuck_threshold: float = 300.0  # floor of the training-step deadline
-    first_step: float = 600.0  # until a few step times are known (compile, warm-up)
+    first_step: float = 600.0  # until the first step of a launch completes (compile, warm-up)
     step_factor: float = 5.0  # step deadline = max(stuck_threshold, step_factor x p99 step time)
     crawl_factor: float = 10.0
     crawl_steps: int = 3
     min_samples: int = 3
 
-    def for_phase(self, phase: str, step_times: list[float]) -> float:
+    def for_phase(self, phase: str, step_times: list[float], warm: bool = True) -> float:
         if phase in PHASES_CACHING:
             return self.caching
         if phase in ("saving", "done"):
@@ -64,8 +64,10 @@ class Deadlines:
         if phase == "sampling":
             return self.sampling
         if phase == "training":
-            if len(step_times) < self.min_samples:
+            if not warm:
                 return max(self.stuck_threshold, self.first_step)
+            if len(step_times) < self.min_samples:
+                return self.stuck_threshold
             ordered = sorted(step_times)
             p99 = ordered[min(len(ordered) - 1, int(0.99 * (len(ordered) - 1) + 0.5))]
             return max(self.stuck_threshold, self.step_factor * p99)
@@ -209,6 +211,7 @@ class ProgressTracker:
         self.max_step: int | None = None
         self.first_step: int | None = None
         self._last_phase = "loading"
+        self.warm = False  # set when attaching to a run already past its first step
 
     def adopt_heartbeat(self) -> None:
         """Attach mode: count idle time from the heartbeat's own timestamp, not from when we attached."""
@@ -218,6 +221,7 @@ class ProgressTracker:
         self.heartbeat = hb
         self._hb_key = (hb.get("phase"), hb.get("step"), hb.get("time"), hb.get("epoch"))
         self._last_phase = self.phase
+        self.warm = isinstance(hb.get("step"), int) and hb["step"] > 0
         self.last_progress = self.clock() - max(0.0, time.time() - hb["time"])
 
     def feed(self, chunk: bytes) -> None:
@@ -328,7 +332,8 @@ class ProgressTracker:
 
     def check(self) -> Stall | None:
         phase = self.phase
-        deadline = self.deadlines.for_phase(phase, list(self.step_times))
+        warm = self.warm or (self.max_step is not None and self.first_step is not None and self.max_step > self.first_step)
+        deadline = self.deadlines.for_phase(phase, list(self.step_times), warm)
         idle = self.clock() - self.last_progress
         if idle > deadline:
             return Stall(phase, self.step, idle, deadline, "heartbeat" if self.heartbeat else "log")

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum seconds a training step may take (default 300); the deadline is "
                    "max(this, 5 x p99 of observed step times)")
     p.add_argument("--first-step-timeout", type=float, default=600.0,
-                   help="step deadline until 3 step times are known (default 600)")
+                   help="step deadline until the first step of each launch is done (default 600)")
     p.add_argument("--loading-timeout", type=float, default=1800.0, help="model loading (default 1800)")
     p.add_argument("--caching-timeout", type=float, default=1800.0, help="latent/text caching (default 1800)")
     p.add_argument("--save-timeout", type=float, default=900.0, help="checkpoint saving (default 900)")
