@@ -61,7 +61,8 @@ def _missing_keywords_edit(src: Source, call: ast.Call, missing: list) -> list:
     vertical = last.lineno > call.lineno and (stripped in ("", ",") or stripped.lstrip(",").lstrip().startswith("#"))
     if not vertical:
         return [Edit(last_end, last_end, ", " + ", ".join(missing))]
-    indent = src.line_text(last.lineno)[: src.start(last) - src.line_starts[last.lineno - 1]]
+    line = src.line_text(last.lineno)
+    indent = line[: len(line) - len(line.lstrip(" \t"))]  # the argument line's indentation, never its code
     edits = [] if rest.lstrip().startswith(",") else [Edit(last_end, last_end, ",")]
     block = "".join(f"{indent}{kw},{src.newline}" for kw in missing)
     edits.append(Edit(line_end, line_end, block, rank=3))

@@ -31,7 +31,8 @@ STEP_PARAMS = ("step_no", "global_step", "step", "current_step")
 HELPERS = {"save_state": f"{HELPER_ALIAS}.save_state_at_step", "load_state": f"{HELPER_ALIAS}.load_state_with_fallback"}
 
 
-_DEFINES_TARGET = re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+(?:%s)[ \t]*\(" % "|".join(SAVE_FUNCS + LOAD_FUNCS), re.M)
+_TARGET_NAMES = "|".join(SAVE_FUNCS + LOAD_FUNCS)
+_DEFINES_TARGET = re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+(?:%s)[ \t]*\(" % _TARGET_NAMES, re.M)
 _OWN_HELPER = "fluxtrain_hardening.py"
 
 

@@ -10,6 +10,7 @@ it stands for (found while verifying the tool against reconstructed upstream fil
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import textwrap
@@ -212,3 +213,46 @@ def test_a_function_that_neither_saves_nor_delegates_is_still_drift(make_checkou
     err = capsys.readouterr().err
     assert "P04" in err and "library/train_util.py" in err and "save_state_on_train_end" in err
     assert snapshot(root) == before
+
+
+PACKED_ARGUMENTS = '''\
+import os
+
+import torch
+
+
+def build(args, dataset, collate):
+    workers = min(args.max_data_loader_n_workers, os.cpu_count() - 1)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=1, shuffle=False, collate_fn=collate, num_workers=workers
+    )
+    legacy = torch.utils.data.DataLoader(
+        dataset, batch_size=1, collate_fn=collate, num_workers=workers,
+        persistent_workers=args.persistent_data_loader_workers)
+    return loader, legacy
+'''
+
+
+def test_arguments_packed_on_one_line_between_bracket_lines(make_checkout, capsys):
+    # all arguments on one line with the brackets on their own lines, and the older style that closes the
+    # call on the last argument line: new keywords go on a new line with the argument line's indentation
+    root = make_checkout("split_2026_05")
+    script = root / "train_db.py"
+    script.write_text(PACKED_ARGUMENTS, encoding="utf-8")
+    assert apply.main([str(root)]) == 0, capsys.readouterr()
+    text = script.read_text(encoding="utf-8")
+    assert (
+        "        dataset, batch_size=1, shuffle=False, collate_fn=collate, num_workers=workers,\n"
+        "        timeout=_fluxtrain_hardening.dataloader_timeout(workers),\n"
+        "        pin_memory=True,\n"
+        "    )\n"
+    ) in text
+    calls = [n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Call)]
+    loaders = [c for c in calls if getattr(c.func, "attr", "") == "DataLoader"]
+    assert len(loaders) == 2
+    for call in loaders:
+        names = [k.arg for k in call.keywords]
+        assert names[-2:] == ["timeout", "pin_memory"] and "num_workers" in names
+        assert [ast.unparse(a) for a in call.args] == ["dataset"]
+    assert apply.main(["--reverse", str(root)]) == 0
+    assert script.read_text(encoding="utf-8") == PACKED_ARGUMENTS
