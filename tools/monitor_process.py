@@ -189,17 +189,19 @@ class ProcessTree:
                 lines.append(f"pid {p.pid}: {exc.__class__.__name__}")
         return lines or ["(no live processes)"]
 
-    def _signal_all(self, sig: int) -> None:
-        if self.own_group:
+    def _signal_all(self, kill: bool) -> None:
+        killpg = getattr(os, "killpg", None)  # POSIX only; on Windows the psutil walk below does the work
+        if self.own_group and killpg is not None:
             try:
-                os.killpg(self.root_pid, sig)
+                killpg(self.root_pid, signal.SIGKILL if kill else signal.SIGTERM)
             except OSError:
                 pass  # group already empty
+        cont = getattr(signal, "SIGCONT", None)
         for p in self.alive():
             try:
-                p.send_signal(sig)
-                if sig == signal.SIGTERM:
-                    p.send_signal(signal.SIGCONT)  # a stopped process only acts on TERM once continued
+                p.kill() if kill else p.terminate()
+                if cont is not None and not kill:
+                    p.send_signal(cont)  # a stopped (SIGSTOP) process only acts on TERM once continued
             except psutil.Error:
                 pass
 
@@ -208,14 +210,14 @@ class ProcessTree:
         self.refresh()
         if not self.alive():
             return []
-        self._signal_all(signal.SIGTERM)
+        self._signal_all(kill=False)
         end = time.monotonic() + grace
         while time.monotonic() < end:
             self.refresh()
             if not self.alive():
                 return []
             time.sleep(0.05)
-        self._signal_all(signal.SIGKILL)
+        self._signal_all(kill=True)
         end = time.monotonic() + 10.0
         while time.monotonic() < end:
             self.refresh()

@@ -60,6 +60,7 @@ class Outcome:
     rc: int
     progressed: bool = False
     step: int | None = None
+    phase: str = ""
 
 
 def with_resume(cmd: list[str], state_dir: Path | str | None) -> list[str]:
@@ -178,6 +179,10 @@ class Monitor:
                 self.event("finished", "training finished (exit code 0)")
                 return EXIT_OK
             what = "stalled" if outcome.kind == "stall" else f"exited with code {outcome.rc}"
+            if outcome.phase == "done":  # the final model was saved: a restart would only redo finished work
+                self.event("finished_unclean", f"the trainer saved its final model but then {what}; not restarting",
+                           logging.WARNING)
+                return EXIT_OK if outcome.kind == "stall" else outcome.rc
             if not a.auto_resume:
                 self.event("failed", f"training {what}; not restarting (no --auto-resume)", logging.ERROR)
                 return EXIT_STALLED if outcome.kind == "stall" else outcome.rc or EXIT_FAILED
@@ -215,7 +220,7 @@ class Monitor:
                      f"{shlex.join(cmd)}\n".encode())
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=env, bufsize=0)
+                                    env=env, bufsize=0, **_own_group_kwargs())
         except OSError as exc:
             self.event("launch_failed", f"could not start {cmd[0]!r}: {exc}", logging.ERROR)
             return Outcome("exit", 127)
@@ -242,7 +247,8 @@ class Monitor:
         tracker = ProgressTracker(self.dir, self.deadlines, started_wall=0.0, resume_step=int((hb or {}).get("step") or 0))
         tracker.adopt_heartbeat()
         tail = LogTail(self.dir / "train.log", tracker.feed)
-        tree = ProcessTree(pid, own_group=os.getpgid(pid) == pid)
+        # Only signal the whole group when the trainer leads it; otherwise it may be a UI's or a shell's group.
+        tree = ProcessTree(pid, own_group=hasattr(os, "getpgid") and os.getpgid(pid) == pid)
         self.event("attached", f"attached to pid {pid} in {self.dir}", pid=pid)
         return self._watch(tracker, tree, tail=tail)
 
@@ -269,7 +275,7 @@ class Monitor:
                 self._kill(tree)
                 if proc is not None:
                     proc.wait(5.0)
-                return Outcome("stall", EXIT_STALLED, tracker.advanced(), tracker.step)
+                return Outcome("stall", EXIT_STALLED, tracker.advanced(), tracker.step, stall.phase)
             time.sleep(self.args.check_interval)
 
     def _exited(self, rc: int, tracker: ProgressTracker, tree: ProcessTree, drain) -> Outcome:
@@ -281,7 +287,7 @@ class Monitor:
             drain.join(5.0)
         tracker.poll()
         self.event("exited", f"trainer exited with code {rc} at step {tracker.step}", rc=rc, step=tracker.step)
-        return Outcome("exit", rc, tracker.advanced(), tracker.step)
+        return Outcome("exit", rc, tracker.advanced(), tracker.step, tracker.phase)
 
     def _on_stall(self, stall: Stall, tracker: ProgressTracker, tree: ProcessTree, lines: list[str]) -> None:
         self.event("stall", f"STALL: {stall.describe()}", logging.ERROR, phase=stall.phase, step=stall.step,
@@ -290,7 +296,7 @@ class Monitor:
         pid = hb.get("pid") if hb else None
         stacks = "(no heartbeat.json from our trainer: upstream sd-scripts has no on-demand stack dump)"
         if isinstance(pid, int) and pid in {p.pid for p in tree.alive()}:
-            if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
+            if _status(pid) == psutil.STATUS_STOPPED:
                 stacks = f"(pid {pid} is stopped (state T, e.g. SIGSTOP or Ctrl-Z): it cannot dump its stacks)"
             else:
                 stacks = request_stack_dump(pid, self.dir, self.args.dump_wait)
@@ -315,6 +321,19 @@ class Monitor:
                        pids=survivors)
         else:
             self.event("killed", f"all {len(pids)} processes are gone", pids=pids)
+
+
+def _own_group_kwargs() -> dict:
+    if os.name == "posix":
+        return {"start_new_session": True}
+    return {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+
+
+def _status(pid: int) -> str:
+    try:
+        return psutil.Process(pid).status()
+    except psutil.Error:
+        return "gone"
 
 
 def _setup_logging(output_dir: Path) -> list[logging.Handler]:

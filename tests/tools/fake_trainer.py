@@ -3,7 +3,7 @@
 Prints a tqdm-like `steps:` bar on stderr with `\\r` updates, `epoch k/E` and `saving checkpoint:` on stdout,
 writes `NAME-step########-state` folders (train_state.json + our checkpoint.json manifest) and a final
 `NAME.safetensors`; honours `--resume DIR`. Faults on demand: hang, sigstop, crash, crawl, silent-caching,
-silent-saving, flood; `--spawn-children` starts grandchildren (one ignores SIGTERM, one in its own session).
+silent-saving, flood, linger (never exits after the final save); `--spawn-children` starts grandchildren (one ignores SIGTERM, one in its own session).
 Stdlib only (plus the stdlib heartbeat writer from sd-scripts/library). Records each launch for the tests.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sd-scripts"))
 
-FAULTS = ("none", "hang", "sigstop", "crash", "crawl", "silent-caching", "silent-saving", "flood")
+FAULTS = ("none", "hang", "sigstop", "crash", "crawl", "silent-caching", "silent-saving", "flood", "linger")
 
 
 def parse_args(argv):
@@ -216,6 +216,8 @@ class Fake:
         write_safetensors(final)
         print("model saved.", flush=True)
         self.beat("done")
+        if a.fault == "linger" and self.consume_fault("linger", a.steps):
+            _hang_forever()  # like a stuck non-daemon thread keeping a finished run alive
         return 0
 
     def spawn_children(self) -> None:

@@ -218,6 +218,15 @@ def test_crash_without_auto_resume_returns_the_trainers_code(tmp_path, capsys):
     assert rc == 7 and of(events, "exited")[0]["rc"] == 7
 
 
+def test_finished_run_that_never_exits_is_ended_not_restarted(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, events, _ = run_monitor(capsys, out, ["--steps", "4", "--step-time", "0.01", "--fault", "linger"],
+                                ["--auto-resume", "--save-timeout", "1.5"])
+    assert rc == 0 and len(launches(out)) == 1
+    assert of(events, "stall")[0]["phase"] == "done" and of(events, "finished_unclean")
+    assert_all_gone([launches(out)[0]["pid"]])
+
+
 class _StalledConsole:
     """A console that never accepts a byte (a frozen UI or a paused terminal)."""
 
@@ -262,6 +271,32 @@ def test_attach_mode_uses_the_heartbeat_pid(tmp_path, capsys):
         assert of(events, "attached")[0]["pid"] == child.pid
         child.wait(5)
         assert_all_gone([child.pid, *json.loads((out / "fake-children.json").read_text())])
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
+def test_attach_mode_restarts_through_the_train_script(tmp_path, capsys):
+    out = tmp_path / "run"
+    script = tmp_path / "train.sh"
+    text = (f'#!/bin/bash\nexec {sys.executable} {FAKE} --output-dir {out} --steps 10 --step-time 0.03 '
+            f'--save-every 2 --fault hang --fault-at 5 "$@"\n')
+    script.write_text(text)
+    child = subprocess.Popen(["bash", str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        end = time.monotonic() + 15
+        while time.monotonic() < end and not (out / "fake-fault-at.txt").exists():
+            time.sleep(0.05)
+        rc = tm.main(["--output-dir", str(out), *FAST, "--stuck-threshold", "1.5", "--auto-resume",
+                      "--train-script", str(script)])
+        events = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+        assert rc == 0, [e["message"] for e in events]
+        runs = launches(out)
+        assert [r["start_step"] for r in runs] == [0, 4]
+        assert runs[1]["argv"][-2:] == ["--resume", str(out / "fake-step00000004-state")]
+        assert script.read_text() == text  # restarts never edit the user's script
+        child.wait(5)
     finally:
         if child.poll() is None:
             child.kill()
