@@ -259,6 +259,21 @@ def request_stack_dump(pid: int, output_dir: Path, wait: float) -> str:
     return f"(no stack dump appeared within {wait:g} s of SIGUSR1)"
 
 
+def py_spy_dump(pids: list[int], timeout: float = 10.0) -> str:
+    """Stacks of a trainer that cannot dump its own (upstream sd-scripts), when py-spy is installed."""
+    exe = shutil.which("py-spy")
+    if exe is None or not pids:
+        return ""
+    out = []
+    for pid in sorted(pids)[:4]:
+        try:
+            res = subprocess.run([exe, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=timeout)
+            out.append(f"[py-spy dump --pid {pid}]\n{res.stdout.strip() or res.stderr.strip()}")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            out.append(f"[py-spy dump --pid {pid}] failed: {exc}")
+    return "\n\n".join(out)
+
+
 def gpu_snapshot(timeout: float = 10.0) -> str:
     """Secondary information only: nvidia-smi's view, when the tool exists."""
     exe = shutil.which("nvidia-smi")

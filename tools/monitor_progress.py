@@ -19,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 HEARTBEAT_NAME = "heartbeat.json"
 # Files the monitor itself or the heartbeat writer touch all the time: never "progress".
@@ -94,6 +95,7 @@ class LogParser:
         self._clock = clock
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._carry = ""
+        self._other_bar: tuple[str, int, int] | None = None
         self.step_events: list[tuple[int, float]] = []  # (new step, clock when it was printed) since last take
 
     def feed(self, chunk: bytes) -> None:
@@ -120,8 +122,9 @@ class LogParser:
                         self.step_events.append((n, self._clock()))
                     st.step, st.total, st.phase = n, total, "training"
                     st.changes += 1
-            else:
-                st.changes += 1  # caching/sampling bars without description: the phase is alive
+            elif (desc, n, total) != self._other_bar:  # caching/sampling bars: alive when their count moves
+                self._other_bar = (desc, n, total)
+                st.changes += 1
             return
         if m.group("ep"):
             st.epoch, st.total_epochs, st.phase = int(m.group("ep")), int(m.group("eps")), "training"
@@ -190,7 +193,7 @@ class ProgressTracker:
 
     output_dir: Path
     deadlines: Deadlines
-    clock: callable = time.monotonic
+    clock: Callable[[], float] = time.monotonic
     started_wall: float = field(default_factory=time.time)
     resume_step: int = 0
 
@@ -199,7 +202,6 @@ class ProgressTracker:
         self.parser = LogParser(self.clock)
         now = self.clock()
         self.last_progress = now
-        self._phase_seen_at = now
         self._hb_key = None
         self._log_changes = 0
         self._files = file_signature(self.output_dir)

@@ -33,7 +33,7 @@ for _p in (str(_HERE), str(_HERE.parent / "sd-scripts")):
 import psutil  # noqa: E402
 
 from monitor_process import (  # noqa: E402
-    LogTail, OutputDrain, ProcessTree, gpu_snapshot, request_stack_dump, write_stall_report,
+    LogTail, OutputDrain, ProcessTree, gpu_snapshot, py_spy_dump, request_stack_dump, write_stall_report,
 )
 from monitor_progress import Deadlines, ProgressTracker, Stall, read_heartbeat  # noqa: E402
 
@@ -159,6 +159,7 @@ class Monitor:
             sampling=args.sample_timeout, stuck_threshold=args.stuck_threshold, first_step=args.first_step_timeout,
         )
         self.launches: list[list[str]] = []
+        self._last_reported: tuple[int | None, float] = (None, float("-inf"))
 
     def event(self, kind: str, message: str, level: int = logging.INFO, **fields) -> None:
         logger.log(level, message)
@@ -175,6 +176,8 @@ class Monitor:
             outcome = self._supervise(cmd, resume_step) if cmd else self._attach()
             if outcome.kind == "usage":
                 return EXIT_USAGE
+            if outcome.kind == "launch_failed":  # a wrong command line: restarting cannot help
+                return outcome.rc
             if outcome.kind == "exit" and outcome.rc == 0:
                 self.event("finished", "training finished (exit code 0)")
                 return EXIT_OK
@@ -223,7 +226,7 @@ class Monitor:
                                     env=env, bufsize=0, **_own_group_kwargs())
         except OSError as exc:
             self.event("launch_failed", f"could not start {cmd[0]!r}: {exc}", logging.ERROR)
-            return Outcome("exit", 127)
+            return Outcome("launch_failed", 127)
         self.launches.append(list(cmd))
         drain = OutputDrain(proc.stdout, self.dir / "train.log", tracker.feed, self.echo)
         tree = ProcessTree(proc.pid, own_group=True)
@@ -269,14 +272,29 @@ class Monitor:
             if tracker.phase != phase:
                 phase = tracker.phase
                 self.event("phase", f"phase: {phase} (step {tracker.step})", phase=phase, step=tracker.step)
+            self._progress_event(tracker)
             stall = tracker.check()
             if stall is not None:
                 self._on_stall(stall, tracker, tree, (drain or tail).tail.lines(200))
                 self._kill(tree)
                 if proc is not None:
-                    proc.wait(5.0)
+                    try:
+                        proc.wait(5.0)
+                    except subprocess.TimeoutExpired:
+                        pass  # reported by _kill as kill_failed
                 return Outcome("stall", EXIT_STALLED, tracker.advanced(), tracker.step, stall.phase)
             time.sleep(self.args.check_interval)
+
+    def _progress_event(self, tracker: ProgressTracker) -> None:
+        """For UIs (--json): the step, at most every 10 s; the log file stays quiet."""
+        now = time.monotonic()
+        if not self.args.json or tracker.step == self._last_reported[0] or now - self._last_reported[1] < 10.0:
+            return
+        self._last_reported = (tracker.step, now)
+        hb = tracker.heartbeat or {}
+        total = hb.get("total_steps") or tracker.parser.state.total
+        self.event("progress", f"step {tracker.step}/{total}", logging.DEBUG, phase=tracker.phase,
+                   step=tracker.step, total_steps=total, epoch=hb.get("epoch", tracker.parser.state.epoch))
 
     def _exited(self, rc: int, tracker: ProgressTracker, tree: ProcessTree, drain) -> Outcome:
         leftovers = [p.pid for p in tree.alive() if p.pid != tree.root_pid]
@@ -300,6 +318,8 @@ class Monitor:
                 stacks = f"(pid {pid} is stopped (state T, e.g. SIGSTOP or Ctrl-Z): it cannot dump its stacks)"
             else:
                 stacks = request_stack_dump(pid, self.dir, self.args.dump_wait)
+        else:
+            stacks = py_spy_dump([p.pid for p in tree.alive()]) or stacks
         summary = [
             f"time: {time.strftime('%Y-%m-%d %H:%M:%S')}",
             f"verdict: {stall.describe()} (progress source: {stall.source})",

@@ -107,6 +107,24 @@ def test_step_deadline_follows_p99_of_step_times():
     assert d.for_phase("caching_text", []) == d.caching and d.for_phase("saving", []) == d.saving
 
 
+def test_log_parser_reads_upstream_markers_across_chunks_and_carriage_returns():
+    from monitor_progress import LogParser
+
+    p = LogParser()
+    p.feed(b"caching latents...\n 50%|#####     | 1/2 [00:01<00:01]\r")
+    assert p.state.phase == "caching_latents"
+    p.feed(b"steps:   0%|          | 0/40 [00:00<?, ?it/s]\rsteps:   2%|          | 1/4")  # bar cut mid-chunk
+    p.feed(b"0 [00:01<00:39,  1.00s/it, avr_loss=0.3]\r")
+    assert (p.state.phase, p.state.step, p.state.total) == ("training", 1, 40)
+    changes = p.state.changes
+    p.feed(b"steps:   2%|          | 1/40 [00:02<00:39,  1.00s/it, avr_loss=0.2]\r")  # redraw, no new step
+    assert p.state.changes == changes
+    p.feed(b"\nepoch 2/4\nsaving checkpoint: /o/x-000001.safetensors\n")
+    assert (p.state.epoch, p.state.total_epochs, p.state.phase) == (2, 4, "saving")
+    p.feed(b"x" * 100_000)  # no line end: memory stays bounded, nothing misparsed
+    assert p.state.phase == "saving" and [s for s, _ in p.step_events] == [0, 1]
+
+
 # ------------------------------------------------------------------------------------------ runs
 
 
@@ -225,6 +243,13 @@ def test_finished_run_that_never_exits_is_ended_not_restarted(tmp_path, capsys):
     assert rc == 0 and len(launches(out)) == 1
     assert of(events, "stall")[0]["phase"] == "done" and of(events, "finished_unclean")
     assert_all_gone([launches(out)[0]["pid"]])
+
+
+def test_a_command_that_cannot_start_is_not_retried(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = tm.main(["--output-dir", str(out), *FAST, "--auto-resume", "--", str(tmp_path / "no-such-trainer")])
+    events = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert rc == 127 and of(events, "launch_failed") and not of(events, "restart")
 
 
 class _StalledConsole:
