@@ -256,3 +256,36 @@ def test_arguments_packed_on_one_line_between_bracket_lines(make_checkout, capsy
         assert [ast.unparse(a) for a in call.args] == ["dataset"]
     assert apply.main(["--reverse", str(root)]) == 0
     assert script.read_text(encoding="utf-8") == PACKED_ARGUMENTS
+
+
+WRITE_ONLY_SAVER = '''\
+import os
+
+import numpy as np
+
+
+class LatentsCachingStrategy:
+    def _default_is_disk_cached_latents_expected(self, stride, reso, path, flip_aug, alpha_mask):
+        if not os.path.exists(path):
+            return False
+        npz = np.load(path)
+        return "latents" in npz
+
+    def _default_load_latents_from_disk(self, stride, path, reso):
+        npz = np.load(path)
+        return npz["latents"], npz["original_size"].tolist(), npz["crop_ltrb"].tolist(), None, None
+
+    def save_latents_to_disk(self, path, latents, original_size, crop_ltrb):
+        # one resolution per file: nothing to merge, so nothing is read before the write
+        np.savez(path, latents=latents, original_size=np.array(original_size), crop_ltrb=np.array(crop_ltrb))
+'''
+
+
+def test_a_saver_that_only_writes_is_patched_not_drift(make_checkout, capsys):
+    root = make_checkout("split_2026_05")
+    target = root / "library" / "strategy_base.py"
+    target.write_text(WRITE_ONLY_SAVER, encoding="utf-8")
+    assert apply.main([str(root)]) == 0, capsys.readouterr()
+    text = target.read_text(encoding="utf-8")
+    assert text.count("_fluxtrain_hardening.bounded_npz_load(path)") == 2
+    assert "_fluxtrain_hardening.atomic_savez(path, latents=latents" in text
