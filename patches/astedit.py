@@ -143,6 +143,15 @@ class Source:
         return any(b < node.lineno < e for b, e in self.marker_ranges(patch_id))
 
 
+def parses(path) -> bool:
+    """True when the file is UTF-8 Python this interpreter can parse (used to skip stray discovered files)."""
+    try:
+        ast.parse(path.read_bytes().decode("utf-8-sig"))
+    except (SyntaxError, ValueError, OSError):  # UnicodeDecodeError is a ValueError
+        return False
+    return True
+
+
 def dotted_name(node) -> str | None:
     """'torch.utils.data.DataLoader' for a Name/Attribute chain, else None."""
     parts = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from patches.astedit import HELPER_ALIAS, Drift, Edit, Site, Source, dotted_name
+from patches.astedit import HELPER_ALIAS, Drift, Edit, Site, Source, dotted_name, parses
 
 ID = "P01"
 TITLE = "dataloader-timeout"
@@ -34,10 +34,16 @@ _NUM_WORKERS_POSITION = 5  # DataLoader(dataset, batch_size, shuffle, sampler, b
 
 
 def candidate_files(root: Path) -> list:
-    """Known training scripts plus any other top-level script that constructs a DataLoader."""
+    """Known training scripts plus any other top-level script that constructs a DataLoader.
+
+    A discovered script that does not parse (a user's scratch file, another Python's syntax) is skipped
+    rather than reported as drift; the known scripts still must parse.
+    """
     names = list(KNOWN)
     for path in sorted(root.glob("*.py")):
-        if path.name not in names and "DataLoader(" in path.read_text(encoding="utf-8", errors="replace"):
+        if path.name in names or "DataLoader(" not in path.read_text(encoding="utf-8", errors="replace"):
+            continue
+        if parses(path):
             names.append(path.name)
     return names
 

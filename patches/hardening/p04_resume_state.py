@@ -12,7 +12,16 @@ import ast
 import re
 from pathlib import Path
 
-from patches.astedit import HELPER_ALIAS, Drift, Site, Source, dotted_name, function_params, replace_callee
+from patches.astedit import (
+    HELPER_ALIAS,
+    Drift,
+    Site,
+    Source,
+    dotted_name,
+    function_params,
+    parses,
+    replace_callee,
+)
 
 ID = "P04"
 TITLE = "resume-state"
@@ -44,8 +53,8 @@ def candidate_files(root: Path) -> list:
         rel = path.relative_to(root).as_posix()
         if rel in names or path.name == _OWN_HELPER or "__pycache__" in path.parts:
             continue
-        if _DEFINES_TARGET.search(path.read_text(encoding="utf-8", errors="replace")):
-            names.append(rel)
+        if _DEFINES_TARGET.search(path.read_text(encoding="utf-8", errors="replace")) and parses(path):
+            names.append(rel)  # a stray copy that does not parse is not a target (the known homes must parse)
     return names
 
 

@@ -289,3 +289,21 @@ def test_a_saver_that_only_writes_is_patched_not_drift(make_checkout, capsys):
     text = target.read_text(encoding="utf-8")
     assert text.count("_fluxtrain_hardening.bounded_npz_load(path)") == 2
     assert "_fluxtrain_hardening.atomic_savez(path, latents=latents" in text
+
+
+def test_stray_files_that_do_not_parse_are_skipped_not_drift(make_checkout, capsys):
+    # users leave scratch copies next to the real files; only the known homes must parse
+    root = make_checkout("split_2026_05")
+    (root / "my_loader_notes.py").write_text("loader = DataLoader(ds, num_workers=2\n", encoding="utf-8")
+    (root / "library" / "checkpoint_io - Copy.py").write_bytes(
+        b"def save_state_on_train_end(args, accelerator):\n    print 'py2'\n"
+    )
+    strays = (root / "my_loader_notes.py", root / "library" / "checkpoint_io - Copy.py")
+    before_stray = {p: p.read_bytes() for p in strays}
+    assert apply.main([str(root)]) == 0, capsys.readouterr()
+    assert {p: p.read_bytes() for p in before_stray} == before_stray
+    assert apply.main(["--check", str(root)]) == 0
+    # a known script that does not parse is still reported
+    (root / "flux_train.py").write_text("def broken(:\n", encoding="utf-8")
+    assert apply.main(["--check", str(root)]) == 3
+    assert "flux_train.py: cannot be parsed" in capsys.readouterr().err
