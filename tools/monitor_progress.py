@@ -334,7 +334,8 @@ class ProgressTracker:
 
     def check(self) -> Stall | None:
         phase = self.phase
-        warm = self.warm or (self.max_step is not None and self.first_step is not None and self.max_step > self.first_step)
+        stepped = self.max_step is not None and self.first_step is not None and self.max_step > self.first_step
+        warm = self.warm or stepped
         deadline = self.deadlines.for_phase(phase, list(self.step_times), warm)
         idle = self.clock() - self.last_progress
         if idle > deadline:

@@ -247,7 +247,8 @@ class Monitor:
             self.event("usage", f"attach: no running trainer pid (heartbeat.json in {self.dir} says {pid!r}); "
                        "give -- COMMAND to supervise instead, or --pid", logging.ERROR)
             return Outcome("usage", EXIT_USAGE)
-        tracker = ProgressTracker(self.dir, self.deadlines, started_wall=0.0, resume_step=int((hb or {}).get("step") or 0))
+        start_step = int((hb or {}).get("step") or 0)
+        tracker = ProgressTracker(self.dir, self.deadlines, started_wall=0.0, resume_step=start_step)
         tracker.adopt_heartbeat()
         tail = LogTail(self.dir / "train.log", tracker.feed)
         # Only signal the whole group when the trainer leads it; otherwise it may be a UI's or a shell's group.

@@ -3,7 +3,8 @@
 Prints a tqdm-like `steps:` bar on stderr with `\\r` updates, `epoch k/E` and `saving checkpoint:` on stdout,
 writes `NAME-step########-state` folders (train_state.json + our checkpoint.json manifest) and a final
 `NAME.safetensors`; honours `--resume DIR`. Faults on demand: hang, sigstop, crash, crawl, silent-caching,
-silent-saving, flood, linger (never exits after the final save); `--spawn-children` starts grandchildren (one ignores SIGTERM, one in its own session).
+silent-saving, flood, linger (never exits after the final save); `--spawn-children` starts grandchildren
+(one ignores SIGTERM, one in its own session).
 Stdlib only (plus the stdlib heartbeat writer from sd-scripts/library). Records each launch for the tests.
 """
 

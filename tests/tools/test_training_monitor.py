@@ -125,6 +125,15 @@ def test_log_parser_reads_upstream_markers_across_chunks_and_carriage_returns():
     assert p.state.phase == "saving" and [s for s, _ in p.step_events] == [0, 1]
 
 
+def test_monitor_imports_no_training_stack():
+    code = ("import sys; sys.argv = ['x']; import runpy; "
+            f"runpy.run_path({str(REPO / 'tools' / 'training_monitor.py')!r}, run_name='not_main'); "
+            "import library.checkpoint_validation; "
+            "print(sorted(m for m in ('torch', 'numpy', 'diffusers', 'transformers') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr
+
+
 # ------------------------------------------------------------------------------------------ runs
 
 
@@ -250,6 +259,27 @@ def test_a_command_that_cannot_start_is_not_retried(tmp_path, capsys):
     rc = tm.main(["--output-dir", str(out), *FAST, "--auto-resume", "--", str(tmp_path / "no-such-trainer")])
     events = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     assert rc == 127 and of(events, "launch_failed") and not of(events, "restart")
+
+
+def test_stopping_the_monitor_ends_the_training_tree(tmp_path):
+    out = tmp_path / "run"
+    mon = subprocess.Popen(
+        [sys.executable, str(REPO / "tools" / "training_monitor.py"), "--output-dir", str(out), "--check-interval",
+         "0.2", "--kill-grace", "1", "--", sys.executable, str(FAKE), "--output-dir", str(out), "--steps", "400",
+         "--step-time", "0.05", "--spawn-children"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not (out / "fake-children.json").exists():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        mon.terminate()
+        stdout, stderr = mon.communicate(timeout=20)
+    finally:
+        if mon.poll() is None:
+            mon.kill()
+    assert mon.returncode == tm.EXIT_INTERRUPTED, stderr.decode()[-2000:]
+    assert b"steps:" in stdout  # the trainer's output is echoed to the console without --json
+    assert_all_gone([launches(out)[0]["pid"], *json.loads((out / "fake-children.json").read_text())])
 
 
 class _StalledConsole:
