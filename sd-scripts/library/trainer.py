@@ -99,7 +99,9 @@ class FluxLoRATrainer:
             for leftover in atomic_io.cleanup_leftovers(out, is_complete=checkpoint_validation.is_complete_staged):
                 log.warning("removed an unfinished checkpoint left by a killed run: %s", leftover)
         # One heartbeat per run: the main process speaks for all ranks (its pid owns the process tree).
-        self.heartbeat = Heartbeat(out) if self.is_main else _SilentHeartbeat()
+        # Step updates are throttled to two a second (phase changes always write): a monitor needs no more,
+        # and a write per step is measurable on fast small-model steps.
+        self.heartbeat = Heartbeat(out, min_interval=0.5) if self.is_main else _SilentHeartbeat()
         self.guards = HangGuards(out, self.heartbeat, stall_dump_timeout=self.s.guards.stall_dump_timeout,
                                  position=lambda: {"phase": self.phase, **self.pos.as_dict()})
         self.set_phase("loading", "loading models")

@@ -152,3 +152,23 @@ def test_trained_lora_loads_in_diffusers_and_reproduces_our_output(trained, tiny
         plain = base(**inputs)[0]
     assert (a - plain).abs().max() > 1e-4  # the trained LoRA changes the output
     assert (a - b).abs().max() <= 1e-5
+
+
+def test_low_vram_combination_trains(trained, tiny_models, tmp_path):
+    """FluxGym's 12G shape on CPU: fp8 base + bf16 compute + block swap + gradient checkpointing +
+    single blocks only, with TE outputs cached and CLIP-L LoRA trained live."""
+    out = tmp_path / "o"
+    args = trainer_args(tiny_models, trained["toml"], out, "--max_train_steps", "2", "--fp8_base",
+                        "--gradient_checkpointing", "--blocks_to_swap", "2", "--network_args", "train_blocks=single",
+                        "--optimizer_type", "adafactor", "--optimizer_args", "relative_step=False",
+                        "scale_parameter=False", "warmup_init=False", "--lr_scheduler", "constant_with_warmup",
+                        "--max_grad_norm", "0.0")
+    args[args.index("--mixed_precision") + 1] = "bf16"
+    proc = run_trainer(args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "enable block swap: blocks_to_swap=2" in proc.stdout
+    tensors, meta = read_lora(out / "tiny.safetensors")
+    assert meta["ss_fp8_base"] == "True" and meta["ss_mixed_precision"] == "bf16"
+    assert not any("double_blocks" in k for k in tensors)
+    ups = [v for k, v in tensors.items() if "single_blocks" in k and k.endswith("lora_up.weight")]
+    assert ups and any(u.abs().sum() > 0 for u in ups)  # the swapped, checkpointed blocks were trained

@@ -1,0 +1,158 @@
+"""Benchmark: our trainer's steady-state step time against a bare PyTorch loop, in one process.
+
+    .venv/bin/python tools/benchmark.py [--width tiny|real] [--steps 20] [--rounds 3] [--json]
+
+Same model, data and LoRA for every variant. Prints three ratios measured in one run:
+  ours / bare        the whole per-step path (data, guards, heartbeat, progress bar) vs forward+loss+backward+step
+  hardened / plain   our loop with every hang guard on vs all of them off (target <= 1.02)
+plus the startup time to the first finished step and the peak RSS. Rounds interleave the
+variants so a machine that gets busier affects all of them alike; medians are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T_START = time.monotonic()
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "sd-scripts"))
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "sd_scripts"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_trainer(work: Path, width: str, *, hardened: bool):
+    from flux_train_network import setup_parser
+    from fluxgym.tiny_flux import build_tiny_models
+    from library.settings import settings_from_args
+    from library.trainer import FluxLoRATrainer
+    from train_helpers import make_dataset, trainer_args
+
+    models = build_tiny_models(work / "models", seed=0, width=width)
+    size = 64 if width == "tiny" else 128
+    _, toml = make_dataset(work / ("data-" + width), count=8, size=size)
+    extra = ["--max_train_steps", "100000"]
+    if not hardened:
+        extra += ["--dataloader_timeout", "0", "--cache_io_timeout", "0", "--save_timeout", "0",
+                  "--sample_timeout", "0", "--stall_dump_timeout", "0"]
+    out = work / ("out-hardened" if hardened else "out-plain")
+    ns = setup_parser().parse_args(trainer_args(models, toml, out, *extra))
+    trainer = FluxLoRATrainer(settings_from_args(ns))
+    trainer.setup_accelerator()
+    trainer.prepare_output_dir()
+    for phase in (trainer.load_tokenizers, trainer.build_dataset, trainer.load_models, trainer.cache_latents,
+                  trainer.cache_text_encoder_outputs, trainer.create_network, trainer.create_optimizer):
+        phase()
+    if not hardened:
+        from library.trainer import _SilentHeartbeat
+
+        trainer.heartbeat = _SilentHeartbeat()
+        trainer.guards.heartbeat = None
+    return trainer
+
+
+def time_ours(trainer, steps: int) -> float:
+    """Seconds per step of the real loop (run_training_loop) for `steps` more steps."""
+    from library.train_loop import run_training_loop
+
+    trainer.max_train_steps = trainer.pos.step + steps
+    trainer.num_epochs = 10**6
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        started = time.perf_counter()
+        run_training_loop(trainer)
+        return (time.perf_counter() - started) / steps
+
+
+def time_bare(trainer, steps: int) -> float:
+    """Seconds per step of forward, loss, backward and optimizer step on pre-collated batches."""
+    import torch
+
+    from library.dataset import collate
+    from library.flux_packing import image_ids, pack_latents, unpack_latents
+
+    ds = trainer.dataset
+    batches = [collate([ds[key] for key in batch]) for batch in ds.batches_for_epoch(0)]
+    model, opt, sched = trainer.transformer, trainer.optimizer, trainer.lr_scheduler
+    dtype = trainer.weight_dtype
+    started = time.perf_counter()
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        latents = batch["latents"].to(dtype)
+        b, _, h, w = latents.shape
+        gen = torch.Generator().manual_seed(i)
+        noise = torch.randn(latents.shape, generator=gen).to(dtype)
+        sigma = torch.rand(b, generator=gen).view(-1, 1, 1, 1)
+        noisy = (1 - sigma) * latents + sigma * noise
+        l_pooled = batch["l_pooled"].to(dtype)
+        if trainer.train_clip:
+            tokens = trainer.text_encoder.tokenize(batch["captions"])
+            l_pooled = trainer.text_encoder.encode_clip(tokens["clip_ids"])
+        pred = model(hidden_states=pack_latents(noisy), encoder_hidden_states=batch["t5_out"].to(dtype),
+                     pooled_projections=l_pooled, timestep=sigma.view(-1), img_ids=image_ids(h, w, b),
+                     txt_ids=batch["txt_ids"][0], guidance=torch.full((b,), 1.0) if model.config.guidance_embeds
+                     else None, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(unpack_latents(pred.float(), h, w), (noise - latents).float())
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - started) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-") as tmp:
+        work = Path(tmp)
+        hardened = build_trainer(work, args.width, hardened=True)
+        time_ours(hardened, 1)
+        startup = time.monotonic() - T_START
+        plain = build_trainer(work, args.width, hardened=False)
+        time_ours(plain, 1)
+        time_bare(plain, 2)  # warm-up
+        results = {"bare": [], "ours": [], "plain": []}
+        for _ in range(args.rounds):
+            results["bare"].append(time_bare(plain, args.steps))
+            results["ours"].append(time_ours(hardened, args.steps))
+            results["plain"].append(time_ours(plain, args.steps))
+        hardened.guards.close()
+        plain.guards.close()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    report = {
+        "width": args.width, "steps_per_round": args.steps, "rounds": args.rounds,
+        "bare_step_s": med["bare"], "ours_step_s": med["ours"], "ours_without_hardening_step_s": med["plain"],
+        "ratio_ours_vs_bare": med["ours"] / med["bare"], "ratio_hardened_vs_plain": med["ours"] / med["plain"],
+        "startup_to_first_step_s": startup,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"model width {args.width}; {args.rounds} rounds x {args.steps} steps per variant (medians)")
+        print(f"  bare PyTorch loop      {med['bare'] * 1000:8.2f} ms/step")
+        print(f"  ours, hardened         {med['ours'] * 1000:8.2f} ms/step   ratio vs bare "
+              f"{report['ratio_ours_vs_bare']:.3f} (target <= 1.10)")
+        print(f"  ours, guards off       {med['plain'] * 1000:8.2f} ms/step   hardened/plain "
+              f"{report['ratio_hardened_vs_plain']:.3f} (target <= 1.02)")
+        print(f"  startup to first step  {startup:8.2f} s")
+        print(f"  peak RSS               {report['peak_rss_mb']:8.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
