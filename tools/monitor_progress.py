@@ -24,8 +24,12 @@ from typing import Callable
 HEARTBEAT_NAME = "heartbeat.json"
 # Files the monitor itself or the heartbeat writer touch all the time: never "progress".
 _OWN_FILES = re.compile(r"^(train\.log|training_monitor\.log|heartbeat\.json|\.heartbeat\.json\.tmp-.*|stall-.*\.txt)$")
+_BAR = r"(?P<bar>(?:(?P<desc>[A-Za-z][\w ]*?):\s*)?\d{1,3}%\|[^|\n]*\|\s*(?P<n>\d+)/(?P<m>\d+))"
+# tqdm ends a redraw with no line end (the next one starts with \r), so the last bar is read before its
+# terminator arrives, as soon as its counter is complete (followed by the " [elapsed<left" part).
+_OPEN_BAR = re.compile(_BAR + r"(?=\s*\[)")
 _MARKERS = re.compile(
-    r"(?P<bar>(?:(?P<desc>[A-Za-z][\w ]*?):\s*)?\d{1,3}%\|[^|\n]*\|\s*(?P<n>\d+)/(?P<m>\d+))"
+    _BAR +
     r"|^\s*epoch (?P<ep>\d+)/(?P<eps>\d+)\s*$"
     r"|(?P<saving>saving checkpoint|saving state|saving last state)"
     r"|(?P<caching_latents>caching latents)"
@@ -96,20 +100,23 @@ class LogParser:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._carry = ""
         self._other_bar: tuple[str, int, int] | None = None
-        self.step_events: list[tuple[int, float]] = []  # (new step, clock when it was printed) since last take
+        # (new step, seconds per step since the previous one or None) since the last take. Timed from the
+        # moment each bar line arrives, so several steps between two polls are still timed one by one.
+        self.step_events: list[tuple[int, float | None]] = []
+        self._last_step_at: float | None = None  # None after a non-training marker: that gap is no step time
 
     def feed(self, chunk: bytes) -> None:
         text = self._carry + self._decoder.decode(chunk)
-        cut = max(text.rfind("\n"), text.rfind("\r"))
-        if cut < 0:
-            self._carry = text[-_CARRY_MAX:]
-            return
+        cut = max(text.rfind("\n"), text.rfind("\r"))  # -1: no line end yet, all of it is carried
         self._carry = text[cut + 1:][-_CARRY_MAX:]
         body = text[: cut + 1]
-        if not any(h in body for h in _HINTS):
-            return
-        for m in _MARKERS.finditer(body.replace("\r", "\n")):
-            self._apply(m)
+        if any(h in body for h in _HINTS):
+            for m in _MARKERS.finditer(body.replace("\r", "\n")):
+                self._apply(m)
+        if "%|" in self._carry:
+            m = _OPEN_BAR.search(self._carry)
+            if m:
+                self._apply(m)  # read again when its line ends: same counter, so counted once
 
     def _apply(self, m: re.Match) -> None:
         st = self.state
@@ -118,8 +125,11 @@ class LogParser:
             desc = (m.group("desc") or "").strip()
             if desc.endswith("steps"):
                 if st.step is None or n != st.step:
+                    now = self._clock()
                     if st.step is None or n > st.step:
-                        self.step_events.append((n, self._clock()))
+                        timed = st.step is not None and self._last_step_at is not None
+                        self.step_events.append((n, (now - self._last_step_at) / (n - st.step) if timed else None))
+                    self._last_step_at = now
                     st.step, st.total, st.phase = n, total, "training"
                     st.changes += 1
             elif (desc, n, total) != self._other_bar:  # caching/sampling bars: alive when their count moves
@@ -134,6 +144,7 @@ class LogParser:
             if m.group(name):
                 st.phase = name
                 st.changes += 1
+                self._last_step_at = None
                 return
 
 
@@ -206,12 +217,13 @@ class ProgressTracker:
         self._log_changes = 0
         self._files = file_signature(self.output_dir)
         self.step_times: deque[float] = deque(maxlen=500)
-        self._last_step: tuple[int, float] | None = None  # (step, clock) of the last step seen in training
+        self._last_step: tuple[int, float] | None = None  # heartbeat timing: (step, clock) of the last step
+        self._log_timing = False  # once the console shows a steps bar, it times the steps (finer than polls)
+        self._first: dict[str, int] = {}  # per source ("log", "hb"): first and highest step of this launch
+        self._max: dict[str, int] = {}
         self._slow_run = 0
         self._crawl_reported = False
         self.heartbeat: dict | None = None
-        self.max_step: int | None = None
-        self.first_step: int | None = None
         self._last_phase = "loading"
         self.warm = False  # set when attaching to a run already past its first step
 
@@ -252,11 +264,16 @@ class ProgressTracker:
 
     def advanced(self) -> bool:
         """Did this launch get past the step it resumed from (or, for relative log counters, move at all)?"""
-        if self.max_step is None:
-            return False
-        if self.heartbeat is not None:
-            return self.max_step > self.resume_step
-        return self.first_step is not None and self.max_step > self.first_step
+        if self.heartbeat is not None and "hb" in self._max:
+            return self._max["hb"] > self.resume_step  # our trainer counts absolute steps
+        return "log" in self._max and self._max["log"] > self._first["log"]
+
+    @property
+    def max_step(self) -> int | None:
+        return self._max.get("hb", self._max.get("log"))
+
+    def _stepped(self) -> bool:
+        return any(self._max[k] > self._first[k] for k in self._max)
 
     # -- polling -------------------------------------------------------------------------------
     def poll(self) -> list[dict]:
@@ -266,6 +283,7 @@ class ProgressTracker:
         with self._lock:
             log_changes = self.parser.state.changes
             step_events, self.parser.step_events = self.parser.step_events, []
+        hb_step = None
         hb = self._fresh_heartbeat()
         if hb is not None:
             self.heartbeat = hb
@@ -273,9 +291,8 @@ class ProgressTracker:
             if key != self._hb_key:
                 self._hb_key = key
                 self.last_progress = now
-                if isinstance(hb.get("step"), int):  # stamped with the heartbeat's own time, not ours
-                    at = now - max(0.0, time.time() - float(hb["time"]))
-                    step_events = sorted([*step_events, (hb["step"], at)])
+                if isinstance(hb.get("step"), int):
+                    hb_step = (hb["step"], now - max(0.0, time.time() - float(hb["time"])))  # its own time
         if log_changes != self._log_changes:
             self._log_changes = log_changes
             self.last_progress = now
@@ -289,26 +306,34 @@ class ProgressTracker:
             if sig != self._files:
                 self._files = sig
                 self.last_progress = now
-        for step, at in step_events:
-            events.extend(self._record_step(step, at, phase))
+        for step, per_step in step_events:
+            self._log_timing = True
+            if self._note_step("log", step) and per_step is not None:
+                events.extend(self._add_step_time(per_step, step, 1))
+        if hb_step is not None and self._note_step("hb", hb_step[0]) and not self._log_timing:
+            events.extend(self._time_heartbeat_step(*hb_step, phase))
         return events
 
-    def _record_step(self, step: int, now: float, phase: str) -> list[dict]:
-        if self.first_step is None:
-            self.first_step = step
-        if self.max_step is not None and step <= self.max_step:
+    def _note_step(self, source: str, step: int) -> bool:
+        """Track first/highest step per source; True when `step` is new for that source."""
+        self._first.setdefault(source, step)
+        if source in self._max and step <= self._max[source]:
+            return False
+        self._max[source] = step
+        return True
+
+    def _time_heartbeat_step(self, step: int, at: float, phase: str) -> list[dict]:
+        """Without a console bar: step times from heartbeat timestamps (coarser: steps between polls merge)."""
+        last, self._last_step = self._last_step, (step, at)
+        if phase != "training" or last is None:
             return []
-        prev_max, self.max_step = self.max_step, step
-        if phase != "training" or self._last_step is None or prev_max is None:
-            self._last_step = (step, now)
-            return []
-        last_step, last_t = self._last_step
-        self._last_step = (step, now)
-        n = max(1, step - last_step)
-        per_step = (now - last_t) / n
+        n = max(1, step - last[0])
+        return self._add_step_time((at - last[1]) / n, step, n)
+
+    def _add_step_time(self, per_step: float, step: int, n: int) -> list[dict]:
         events = self._crawl_check(per_step, step, n)
         # One entry per step (capped), so that a poll seeing many fast steps weighs as much as they did.
-        self.step_times.extend([per_step] * min(n, 20))
+        self.step_times.extend([max(0.0, per_step)] * min(n, 20))
         return events
 
     def _crawl_check(self, per_step: float, step: int, n: int) -> list[dict]:
@@ -334,8 +359,7 @@ class ProgressTracker:
 
     def check(self) -> Stall | None:
         phase = self.phase
-        stepped = self.max_step is not None and self.first_step is not None and self.max_step > self.first_step
-        warm = self.warm or stepped
+        warm = self.warm or self._stepped()
         deadline = self.deadlines.for_phase(phase, list(self.step_times), warm)
         idle = self.clock() - self.last_progress
         if idle > deadline:

@@ -119,10 +119,16 @@ def test_log_parser_reads_upstream_markers_across_chunks_and_carriage_returns():
     changes = p.state.changes
     p.feed(b"steps:   2%|          | 1/40 [00:02<00:39,  1.00s/it, avr_loss=0.2]\r")  # redraw, no new step
     assert p.state.changes == changes
+    p.feed(b"\rsteps:   5%|          | 2/40 [00:03<00:38,  1.00s/it]")  # tqdm leaves the newest bar open
+    assert p.state.step == 2
+    p.feed(b"\rsteps:   7%|          | 3/4")  # counter not complete yet: not read
+    assert p.state.step == 2
+    p.feed(b"0 [00:04<00:37,  1.00s/it]\n")
+    assert p.state.step == 3 and [s for s, _ in p.step_events] == [0, 1, 2, 3]
     p.feed(b"\nepoch 2/4\nsaving checkpoint: /o/x-000001.safetensors\n")
     assert (p.state.epoch, p.state.total_epochs, p.state.phase) == (2, 4, "saving")
     p.feed(b"x" * 100_000)  # no line end: memory stays bounded, nothing misparsed
-    assert p.state.phase == "saving" and [s for s, _ in p.step_events] == [0, 1]
+    assert p.state.phase == "saving" and [s for s, _ in p.step_events] == [0, 1, 2, 3]
 
 
 def test_monitor_imports_no_training_stack():
@@ -178,9 +184,9 @@ def test_slow_but_alive_and_long_phases_are_not_killed(tmp_path, capsys):
     out = tmp_path / "run"
     rc, events, _ = run_monitor(
         capsys, out,
-        ["--steps", "24", "--step-time", "0.05", "--save-every", "8", "--caching-time", "1.2", "--saving-time", "1.0",
-         "--fault", "crawl", "--fault-at", "11", "--crawl-factor", "16", "--crawl-steps", "3"],
-        ["--caching-timeout", "2.5", "--save-timeout", "2.5", "--stuck-threshold", "2", "--first-step-timeout", "2"])
+        ["--steps", "24", "--step-time", "0.02", "--save-every", "8", "--caching-time", "1.2", "--saving-time", "1.0",
+         "--fault", "crawl", "--fault-at", "11", "--crawl-factor", "40", "--crawl-steps", "3"],
+        ["--caching-timeout", "3", "--save-timeout", "3", "--stuck-threshold", "3", "--first-step-timeout", "3"])
     assert rc == 0 and not of(events, "stall")
     crawl = of(events, "crawl")
     assert len(crawl) == 1 and crawl[0]["step"] >= 13  # reported as a warning, once
