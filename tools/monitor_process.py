@@ -74,7 +74,7 @@ class OutputDrain:
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     break
-                self._log.write(chunk)
+                self._write_log(chunk)
                 self.tail.add(chunk)
                 try:
                     self._feed(chunk)
@@ -88,13 +88,25 @@ class OutputDrain:
         except OSError as exc:
             logger.warning("reading the training output stopped: %s", exc)
         finally:
-            self._log.flush()
-            self._log.close()
+            if self._log is not None:
+                try:
+                    self._log.close()
+                except OSError:
+                    pass
             if self._echo is not None:
                 try:
                     self._queue.put_nowait(None)  # ends the console thread; if it lags, it is a daemon anyway
                 except queue.Full:
                     pass
+
+    def _write_log(self, chunk: bytes) -> None:
+        if self._log is None:
+            return
+        try:
+            self._log.write(chunk)
+        except OSError as exc:  # disk full: keep draining (a full pipe would freeze the trainer), stop logging
+            logger.error("cannot write train.log any more (%s); the trainer's output is no longer saved", exc)
+            self._log = None
 
     def _write_console(self) -> None:
         while True:
