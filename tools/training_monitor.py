@@ -206,9 +206,10 @@ class Monitor:
     def _attach(self) -> Outcome:
         hb = read_heartbeat(self.dir)
         pid = self.args.pid or (hb or {}).get("pid")
-        if not isinstance(pid, int) or not psutil.pid_exists(pid):
-            self.event("usage", f"attach: no running trainer pid (heartbeat.json in {self.dir} says {pid!r}); "
-                       "give -- COMMAND to supervise instead, or --pid", logging.ERROR)
+        problem = _attach_problem(pid, hb, explicit=self.args.pid is not None)
+        if problem:
+            self.event("usage", f"attach: {problem}; give -- COMMAND to supervise instead, or --pid",
+                       logging.ERROR)
             return Outcome("usage", EXIT_USAGE)
         start_step = int((hb or {}).get("step") or 0)
         tracker = ProgressTracker(self.dir, self.deadlines, started_wall=0.0, resume_step=start_step)
@@ -305,6 +306,23 @@ class Monitor:
                        pids=survivors)
         else:
             self.event("killed", f"all {len(pids)} processes are gone", pids=pids)
+
+
+def _attach_problem(pid, hb: dict | None, *, explicit: bool) -> str:
+    """Why `pid` must not be watched (and later killed) as this run's trainer; "" when it may."""
+    if not isinstance(pid, int) or not psutil.pid_exists(pid):
+        return f"no running trainer (heartbeat.json says pid {pid!r})"
+    if explicit or hb is None:
+        return ""
+    if hb.get("phase") in ("done", "failed"):
+        return f"the run in heartbeat.json already ended (phase {hb['phase']})"
+    try:
+        born = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return f"pid {pid} is gone"
+    if isinstance(hb.get("time"), (int, float)) and born > hb["time"] + 1.0:
+        return f"pid {pid} started after the last heartbeat: it is another process that reused the number"
+    return ""
 
 
 def _own_group_kwargs() -> dict:

@@ -363,6 +363,22 @@ def test_attach_mode_restarts_through_the_train_script(tmp_path, capsys):
             child.kill()
 
 
+def test_attach_refuses_a_pid_that_is_not_the_heartbeats_trainer(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    newer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        beat = {"version": 1, "pid": newer.pid, "phase": "training", "step": 3, "time": time.time() - 60}
+        (out / "heartbeat.json").write_text(json.dumps(beat))  # written before that process existed
+        assert tm.main(["--output-dir", str(out), *FAST]) == 2
+        (out / "heartbeat.json").write_text(json.dumps({**beat, "time": time.time(), "phase": "done"}))
+        assert tm.main(["--output-dir", str(out), *FAST]) == 2
+        assert newer.poll() is None  # never touched
+    finally:
+        newer.kill()
+        newer.wait()
+
+
 # ------------------------------------------------------------------------------------------ real trainer
 
 
