@@ -201,6 +201,7 @@ def _fsync_tree(root: Path, ops: FsOps) -> None:
 @contextlib.contextmanager
 def atomic_dir(final: Path, *, ops: FsOps | None = None, manifest_name: str = MANIFEST_NAME) -> Iterator[StagedDir]:
     """Stage a folder and publish it at `final` only once it is complete (manifest last, then rename)."""
+    # FIX: upstream writes state folders in place, so a kill mid-save left a half folder that resume picked.
     ops = _ops(ops)
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)  # the output folder itself needs no atomicity

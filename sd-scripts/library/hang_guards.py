@@ -276,6 +276,8 @@ class HangGuards:
     # -- stall and on-demand dumps -------------------------------------------------------------
     def progress(self) -> None:
         """Call after every step and phase change: re-arms the 'no progress in N s' stack dump."""
+        # FIX: a stall nothing can interrupt (a stuck kernel) used to leave no trace; now all thread stacks
+        # land in OUTPUT_DIR/hang-<time>.txt after --stall_dump_timeout without progress.
         if self.stall_dump_timeout <= 0 or self._closed:
             return
         now = time.monotonic()

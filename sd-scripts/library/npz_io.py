@@ -120,6 +120,8 @@ def bounded_npz_load(path: os.PathLike | str, *, timeout: float | None, keys=Non
     `timeout` None or <= 0 means unbounded. Corrupt files raise what numpy/zipfile raise (ValueError,
     zipfile.BadZipFile, EOFError, OSError) and a missing key raises KeyError; callers decide to re-make.
     """
+    # FIX: upstream bounds nothing around np.load, and reads arrays lazily after the open: a dead network mount
+    # or a FIFO hung the run forever. Open and every array read happen inside one --cache_io_timeout bound.
     path = Path(path)
     if not timeout or timeout <= 0:
         return _read_arrays(path, keys)
@@ -148,6 +150,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_savez(path: os.PathLike | str, arrays: dict[str, np.ndarray]) -> Path:
     """Write `arrays` as an uncompressed npz at exactly `path` (no `.npz` is appended), atomically."""
+    # FIX: a run killed mid-write left a truncated cache that later crashed (or was reused): temp + rename.
     final = Path(path)
     tmp = temp_path_for(final)
     try:

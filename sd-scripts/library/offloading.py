@@ -258,6 +258,8 @@ class BlockSwapper:
         pending, self._pending[i] = self._pending[i], []
         for fut, what in pending:
             try:
+                # FIX: an unbounded wait here (upstream's Offloader._wait_blocks_move) froze training with the
+                # GPU at 0 % when a copy never finished; --block_swap_timeout turns it into HANG GUARD [block_swap].
                 result = fut.result(timeout=self.timeout)
             except concurrent.futures.TimeoutError:  # is builtins.TimeoutError only from Python 3.11
                 detail = f"{what} did not finish within {self.timeout:g} s"

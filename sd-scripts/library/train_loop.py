@@ -78,6 +78,7 @@ def next_batch(trainer, iterator) -> dict | None:
     # backstop. Without workers it is the only bound, so it uses the flag's value itself.
     backstop = (bound + 10 if trainer.loader_workers else bound) if bound else None
     try:
+        # FIX: with 0 workers a stuck __getitem__ had no bound at all; this deadline is it.
         with trainer.guards.deadline("dataloader", backstop, hint=HINTS["dataloader"]):
             return next(iterator)
     except StopIteration:
@@ -193,6 +194,7 @@ def generate_samples(trainer) -> None:
     trainer.ae.to(trainer.device)
 
     def guard(index: int):
+        # FIX: sampling runs inline and had no bound (minutes per image on small GPUs, forever when stuck).
         return trainer.guards.deadline("sample", trainer.s.guards.sample_timeout, hint=HINTS["sample"])
 
     with torch.no_grad():

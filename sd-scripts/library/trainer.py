@@ -137,6 +137,7 @@ class FluxLoRATrainer:
         if self.accelerator.num_processes == 1:
             return
         minutes = self.s.guards.ddp_timeout_minutes
+        # FIX: one stuck rank held every other rank in this barrier for the backend's default 10-30 min.
         with self.guards.deadline("ddp", minutes * 60 if minutes else None, hint=HINTS["ddp"], detail=what):
             self.accelerator.wait_for_everyone()
 
@@ -390,6 +391,8 @@ class FluxLoRATrainer:
         name, out = self.s.save.output_name, self.s.save.output_dir
         previous_phase = self.phase
         self.set_phase("saving", f"saving {kind} checkpoint")
+        # FIX: saving had no bound (a stuck disk or network share froze the run); saves are atomic, so ending
+        # the run on --save_timeout leaves the previous checkpoint intact.
         with self.guards.deadline("save", self.s.guards.save_timeout, hint=HINTS["save"]):
             if kind == "epoch":
                 file_name = train_util.get_epoch_ckpt_name(name, self.pos.epoch)
