@@ -85,3 +85,28 @@ def test_finished_run_continues_when_epochs_are_raised(baseline, tiny_models):
     proc = run_trainer(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "tiny-state" / "checkpoint.json").read_text())["step"] == TOTAL_STEPS + 2
+
+
+def test_upstream_made_state_folder_resumes(baseline, tiny_models, tmp_path):
+    """A state folder as upstream sd-scripts writes it: no manifest, and an accelerate 0.32/0.33-era
+    random-state pickle without `step`. The step comes from train_state.json; the run finishes."""
+    import shutil
+
+    root, toml, _, _ = baseline
+    out = tmp_path / "o"
+    out.mkdir()
+    src = sorted((root / "base").glob("tiny-step*-state"))[-1]
+    state = out / "tiny-step00000009-state"
+    shutil.copytree(src, state)
+    (state / "checkpoint.json").unlink()
+    rng_file = state / "random_states_0.pkl"
+    rng = torch.load(rng_file, weights_only=False)  # accelerate writes it with torch.save
+    rng.pop("step", None)
+    torch.save(rng, rng_file)
+    (state / "train_state.json").write_text(json.dumps({"current_epoch": 3, "current_step": 9}))
+    args = trainer_args(tiny_models, toml, out, "--max_train_steps", str(TOTAL_STEPS), "--resume", "auto")
+    proc = run_trainer(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step 9" in proc.stdout
+    assert "steps: 100%" in proc.stderr and f"{TOTAL_STEPS}/{TOTAL_STEPS}" in proc.stderr
+    assert (out / "tiny.safetensors").is_file()
