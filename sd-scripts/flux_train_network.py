@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     if ns.output_config:
         if not ns.config_file:
             parser.error("--output_config needs --config_file PATH to write to")
-        write_output_config(parser, ns, Path(ns.config_file))
+        try:
+            write_output_config(parser, ns, Path(ns.config_file))
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
     from library.settings import SettingsError, settings_from_args
 

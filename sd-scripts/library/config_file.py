@@ -58,8 +58,8 @@ def read_config_values(parser: argparse.ArgumentParser, config_path: str) -> dic
 def parse_with_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse argv; when --config_file is given its values become defaults that argv overrides."""
     first = parser.parse_args(argv)
-    if not getattr(first, "config_file", None):
-        return first
+    if not getattr(first, "config_file", None) or getattr(first, "output_config", False):
+        return first  # with --output_config the file is the destination, not a source
     try:
         values = read_config_values(parser, first.config_file)
     except ConfigFileError as exc:
@@ -72,7 +72,12 @@ def write_output_config(parser: argparse.ArgumentParser, ns: argparse.Namespace,
     """Write the flags that differ from their defaults to a TOML (upstream's --output_config)."""
     import tomli_w
 
-    defaults = {a.dest: a.default for a in parser._actions}
+    if path.suffix != ".toml":
+        path = path.with_name(path.name + ".toml")
+    if path.exists():
+        raise ConfigFileError(f"--config_file {path}: already exists; --output_config never overwrites a config "
+                              "(choose a new name)")
+    defaults = vars(parser.parse_args([]))
     values = {}
     for key, value in sorted(vars(ns).items()):
         if key in ("config_file", "output_config") or value is None or value == defaults.get(key):

@@ -38,6 +38,7 @@ class ModelHasher:
     def __init__(self, path: str):
         self.path = path
         self.value: str | None = None
+        self.legacy = legacy_file_hash(path) if os.path.isfile(path) else None  # ss_sd_model_hash
         if os.path.isfile(path):
             threading.Thread(target=self._run, name="model-hash", daemon=True).start()
 
@@ -49,13 +50,46 @@ class ModelHasher:
         self.value = digest.hexdigest()
 
 
+def legacy_file_hash(path: str) -> str:
+    """The old 8-hex model hash (A1111/kohya): sha256 of 64 KiB at offset 1 MiB."""
+    with open(path, "rb") as handle:
+        handle.seek(0x100000)
+        return hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
+
+
+def safetensors_hashes(tensors: dict, meta: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as upstream computes them for the file it is about to write:
+    sha256 of the serialised tensor data, and the legacy hash of the serialised bytes (ss_* metadata only)."""
+    from safetensors.torch import save
+
+    data = save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
+    return model_hash, hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def dataset_statistics(items) -> dict[str, str]:
+    """ss_tag_frequency and ss_dataset_dirs: per image folder, caption tag counts and image/repeat counts."""
+    tags: dict[str, dict[str, int]] = {}
+    dirs: dict[str, dict[str, int]] = {}
+    for item in items:
+        folder = Path(item.image_path).parent.name
+        entry = dirs.setdefault(folder, {"n_repeats": item.num_repeats, "img_count": 0})
+        entry["img_count"] += 1
+        counts = tags.setdefault(folder, {})
+        for tag in (t.strip() for t in item.caption.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return {"ss_tag_frequency": json.dumps(tags), "ss_dataset_dirs": json.dumps(dirs)}
+
+
 def _str(value) -> str:
     return "None" if value is None else str(value)
 
 
 def build_training_metadata(settings, *, optimizer_name: str, num_train_images: int, num_batches_per_epoch: int,
                             num_epochs: int, max_train_steps: int, is_schnell: bool, datasets: list[dict],
-                            repo_dir: Path) -> dict[str, str]:
+                            repo_dir: Path, items=(), legacy_model_hash: str | None = None) -> dict[str, str]:
     net, opt, flow, run = settings.network, settings.optimizer, settings.flow, settings.run
     raw = settings.raw
     meta = {
@@ -114,6 +148,9 @@ def build_training_metadata(settings, *, optimizer_name: str, num_train_images: 
     }
     if net.args:
         meta["ss_network_args"] = json.dumps(net.args)
+    if legacy_model_hash:
+        meta["ss_sd_model_hash"] = legacy_model_hash
+    meta.update(dataset_statistics(items))
     meta.update(_modelspec(settings, is_schnell))
     return meta
 

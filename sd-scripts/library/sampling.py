@@ -162,10 +162,14 @@ def _checked(values: dict, where: str) -> SamplePrompt:
     return prompt
 
 
-def sample_image_path(output_dir, output_name: str, step: int, idx: int, now: datetime | None = None) -> Path:
-    """`OUTPUT_DIR/sample/<NAME>_<step:06d>_<idx:02d>_<YYYYmmddHHMMSS>.png`."""
+def sample_image_path(output_dir, output_name: str, step: int, idx: int, now: datetime | None = None, *,
+                      epoch: int | None = None, seed: int | None = None) -> Path:
+    """Upstream's names: `sample/<NAME>_<step:06d>_<idx:02d>_<YYYYmmddHHMMSS>.png`, `e<epoch:06d>` instead of
+    the step for epoch-end samples, and `_<seed>` appended when the prompt fixes a seed (`--d`)."""
     now = now or datetime.now()
-    return Path(output_dir) / "sample" / f"{output_name}_{step:06d}_{idx:02d}_{now:%Y%m%d%H%M%S}.png"
+    number = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    seed_suffix = "" if seed is None else f"_{seed}"
+    return Path(output_dir) / "sample" / f"{output_name}_{number}_{idx:02d}_{now:%Y%m%d%H%M%S}{seed_suffix}.png"
 
 
 # ----- generation --------------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ def generate_samples(*, transformer, ae, encode_prompt: Callable[[str], dict], p
                      output_name: str, step: int, device, dtype, is_schnell: bool,
                      per_image_guard: Callable[[int], ContextManager] | None = None,
                      network=None, before_forward: Callable[[], None] | None = None,
-                     apply_t5_attn_mask: bool = False) -> list[Path]:
+                     apply_t5_attn_mask: bool = False, epoch: int | None = None) -> list[Path]:
     """Generate one PNG per prompt; returns the written paths. Modules are put in eval mode and restored.
 
     `network` (optional) is put in eval mode too so LoRA dropout is off; `before_forward` runs before every
@@ -197,7 +201,7 @@ def generate_samples(*, transformer, ae, encode_prompt: Callable[[str], dict], p
                 with torch.no_grad():
                     image = _generate_image(transformer, ae, encode_prompt, prompt, device, dtype, is_schnell,
                                             before_forward, apply_t5_attn_mask)
-                path = sample_image_path(output_dir, output_name, step, idx)
+                path = sample_image_path(output_dir, output_name, step, idx, epoch=epoch, seed=prompt.seed)
                 _save_png_atomic(image, path)
             logger.info("sample %d/%d written: %s", idx + 1, len(prompts), path)
             written.append(path)

@@ -255,6 +255,33 @@ def _data(ns: argparse.Namespace) -> DataSettings:
         num_workers=max(0, ns.max_data_loader_n_workers), persistent_workers=ns.persistent_data_loader_workers)
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "adafactor")
+
+
+def _check_optimizer(ns: argparse.Namespace) -> None:
+    """Fail before any model loads: a typo here used to surface only after minutes of loading and caching."""
+    kind = (ns.optimizer_type or "adamw").lower()
+    if kind not in OPTIMIZERS and "." not in kind:
+        raise SettingsError(f"--optimizer_type {ns.optimizer_type}: not supported by this trainer "
+                            "(use AdamW, AdamW8bit, Adafactor or a dotted class path)")
+    if ns.lr_scheduler not in SCHEDULERS:
+        raise SettingsError(f"--lr_scheduler {ns.lr_scheduler}: not supported by this trainer "
+                            f"(use one of {', '.join(SCHEDULERS)})")
+    if ns.lr_scheduler == "adafactor" and kind != "adafactor":
+        raise SettingsError("--lr_scheduler adafactor needs --optimizer_type Adafactor")
+
+
+def _check_network_args(args: dict) -> None:
+    from networks import lora_flux
+
+    try:
+        lora_flux.parse_network_args(args)
+    except ValueError as exc:
+        raise SettingsError(f"--network_args: {exc}") from exc
+
+
 def _optimizer(ns: argparse.Namespace) -> OptimizerSettings:
     te_lr = ns.text_encoder_lr[0] if ns.text_encoder_lr else None
     return OptimizerSettings(
@@ -299,7 +326,9 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
     fp8_base = ns.fp8_base or ns.fp8_base_unet
     if fp8_base and ns.mixed_precision == "no":
         raise SettingsError("--fp8_base needs --mixed_precision bf16 or fp16 (fp8 weights compute in that dtype)")
+    _check_optimizer(ns)
     network_args = parse_key_values(ns.network_args, "--network_args", literal=False)
+    _check_network_args(network_args)
     dim = ns.network_dim if ns.network_dim is not None else 4
     model = ModelSettings(
         dit_path=_require(ns, "pretrained_model_name_or_path", "the FLUX DiT (flux1-dev.sft or a diffusers folder)"),

@@ -54,7 +54,7 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
 def make_loader(trainer) -> torch.utils.data.DataLoader:
     s = trainer.s
-    workers = min(s.data.num_workers, len(trainer.dataset.items))
+    workers = min(s.data.num_workers, len(trainer.dataset.items), os.cpu_count() or 1)  # capped as upstream
     trainer.loader_workers = workers
     sampler = ResumableBatchSampler(
         trainer.dataset, start_epoch=trainer.pos.epoch, start_batch=trainer.pos.batch_in_epoch,
@@ -181,11 +181,11 @@ def maybe_sample(trainer, *, at_epoch_end: bool, first: bool = False) -> None:
         return
     trainer.barrier()
     if trainer.accelerator.is_main_process:
-        generate_samples(trainer)
+        generate_samples(trainer, epoch=trainer.pos.epoch if at_epoch_end else None)
     trainer.barrier()
 
 
-def generate_samples(trainer) -> None:
+def generate_samples(trainer, epoch: int | None = None) -> None:
     from library import sampling
 
     previous = trainer.phase
@@ -205,7 +205,7 @@ def generate_samples(trainer) -> None:
             dtype=trainer.weight_dtype, is_schnell=trainer.model_info.is_schnell, per_image_guard=guard,
             network=trainer.accelerator.unwrap_model(trainer.network),
             before_forward=trainer.block_swapper.prepare_block_devices_before_forward if trainer.block_swapper else None,
-            apply_t5_attn_mask=trainer.s.model.apply_t5_attn_mask)
+            apply_t5_attn_mask=trainer.s.model.apply_t5_attn_mask, epoch=epoch)
     trainer.ae.to("cpu")
     trainer.set_phase(previous)
 
@@ -262,7 +262,7 @@ def simulate_crash_if_requested(step: int) -> None:
 def after_step(trainer) -> None:
     s, pos = trainer.s, trainer.pos
     maybe_sample(trainer, at_epoch_end=False)
-    if s.save.every_n_steps and pos.step % s.save.every_n_steps == 0 and pos.step < trainer.max_train_steps:
+    if s.save.every_n_steps and pos.step % s.save.every_n_steps == 0:
         trainer.save_checkpoint(kind="step", with_state=s.save.save_state)
 
 

@@ -165,7 +165,7 @@ class FluxLoRATrainer:
         self.batches_per_epoch = -(-self.dataset.num_batches_per_epoch // world)
         self.max_train_steps, self.num_epochs = total_steps(self.s.run.max_train_steps, self.s.run.max_train_epochs,
                                                             self.batches_per_epoch)
-        if self.s.run.max_train_epochs:
+        if self.s.run.max_train_epochs and self.is_main:
             print(f"override steps. steps for {self.num_epochs} epochs is: {self.max_train_steps}")
 
     def load_models(self) -> None:
@@ -271,8 +271,15 @@ class FluxLoRATrainer:
                                                 **net.args)
         self.network.apply_to([clip, None], self.transformer, apply_text_encoder=self.train_clip, apply_unet=True)
         if net.weights:
-            self.network.load_weights(net.weights)
+            # As upstream (strict=False): load what both sides have, say what was not matched.
+            missing, extra = self.network.load_weights(net.weights, strict=False)
             print(f"loaded network weights from {net.weights}")
+            if missing:
+                log.warning("--network_weights: %d modules of this network are not in the file (they start "
+                            "from their initial values), e.g. %s", len(missing), missing[0])
+            if extra:
+                log.warning("--network_weights: %d keys of the file are not in this network (ignored), e.g. %s",
+                            len(extra), extra[0])
         if not self.s.run.blocks_to_swap:
             self.transformer.to(self.device)
         if self.train_clip:
@@ -281,7 +288,8 @@ class FluxLoRATrainer:
         if self.s.run.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
             if self.train_clip:
-                self.clip_l.gradient_checkpointing_enable()
+                self.clip_l.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                self.clip_l.train()  # transformers checkpoints only in train mode; CLIP-L has no dropout
         self.network.to(self.device)
 
     def setup_block_swap(self) -> None:
@@ -318,7 +326,8 @@ class FluxLoRATrainer:
             self.s, optimizer_name=self.optimizer_name, num_train_images=self.dataset.num_train_images,
             num_batches_per_epoch=self.batches_per_epoch, num_epochs=self.num_epochs,
             max_train_steps=self.max_train_steps, is_schnell=self.model_info.is_schnell,
-            datasets=self.describe_datasets(), repo_dir=REPO_DIR)
+            datasets=self.describe_datasets(), repo_dir=REPO_DIR, items=self.dataset.items,
+            legacy_model_hash=self.model_hasher.legacy)
 
     def describe_datasets(self) -> list[dict]:
         result = []
@@ -408,7 +417,9 @@ class FluxLoRATrainer:
             meta = metadata.metadata_for_save(self.base_metadata, step=self.pos.step, epoch=self.completed_epochs(),
                                               model_hash=self.model_hasher.value, minimal=self.s.save.no_metadata)
             print(f"saving checkpoint: {out / file_name}")
-            checkpoint_io.save_lora_file(out / file_name, self.lora_tensors(), meta)
+            tensors = self.lora_tensors()
+            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = metadata.safetensors_hashes(tensors, meta)
+            checkpoint_io.save_lora_file(out / file_name, tensors, meta)
             self.rotate()
         self.set_phase(previous_phase if previous_phase != "saving" else "training")
 
@@ -439,7 +450,7 @@ class FluxLoRATrainer:
 
     def save_final(self) -> None:
         with_state = self.s.save.save_state or self.s.save.save_state_on_train_end
-        if with_state:
+        if with_state and self.is_main:
             print("saving last state.")
         self.save_checkpoint(kind="last", with_state=with_state)
         if self.block_swapper is not None:

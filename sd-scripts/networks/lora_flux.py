@@ -247,8 +247,11 @@ class LoRANetwork(nn.Module):
             out[key] = value.contiguous()
         return out
 
-    def load_weights(self, path_or_sd) -> None:
-        """Strictly load a kohya LoRA (path to .safetensors / .pt, or a dict). Errors name the key and file."""
+    def load_weights(self, path_or_sd, *, strict: bool = True) -> tuple[list[str], list[str]]:
+        """Load a kohya LoRA (path to .safetensors / .pt, or a dict); returns (missing, unexpected) keys.
+
+        strict: any missing or extra key is an error naming it. strict=False (upstream's --network_weights)
+        loads the keys both sides have; shape mismatches are errors either way."""
         if isinstance(path_or_sd, (str, os.PathLike)):
             source = os.fspath(path_or_sd)
         else:
@@ -257,18 +260,21 @@ class LoRANetwork(nn.Module):
         own = self.state_dict()
         missing = sorted(set(own) - set(sd))
         extra = sorted(set(sd) - set(own))
-        if missing:
+        if not strict:
+            sd = {k: v for k, v in sd.items() if k in own}
+        if strict and missing:
             raise LoRAWeightsError(f"{source}: missing LoRA key {missing[0]!r} ({len(missing)} missing in all); "
                                    "the file was made for a different network (check --network_dim, "
                                    "--network_args train_blocks and --network_train_unet_only)")
-        if extra:
+        if strict and extra:
             raise LoRAWeightsError(f"{source}: unexpected LoRA key {extra[0]!r} ({len(extra)} extra in all); "
                                    "the file was made for a different network or model")
         for key, value in sd.items():
             if tuple(value.shape) != tuple(own[key].shape):
                 raise LoRAWeightsError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the network expects "
                                        f"{tuple(own[key].shape)} (different --network_dim or model size)")
-        self.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+        self.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=strict)
+        return missing, extra
 
 
 def _make_hook(lora: LoRAModule, row_start: int, row_end: int):
@@ -377,6 +383,11 @@ def _parse_network_args(kwargs: dict) -> tuple[str, bool]:
             raise ValueError(f"network_args: unknown key {key!r}; this trainer understands train_blocks=all|single|"
                              "double and verbose=True")
     return train_blocks, verbose
+
+
+def parse_network_args(kwargs: dict) -> tuple[str, bool]:
+    """(train_blocks, verbose) from --network_args strings; ValueError naming a bad or unsupported key."""
+    return _parse_network_args(kwargs)
 
 
 def _clip_of(text_encoders):

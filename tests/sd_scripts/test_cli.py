@@ -141,3 +141,30 @@ def test_fluxgym_introspection_functions_exist():
     dests = {a.dest for a in parser._actions}
     assert {"network_dim", "learning_rate", "timestep_sampling", "guidance_scale", "clip_l"} <= dests
     assert "blocks_to_swap" not in dests  # as upstream: FluxGym's panel does not see the DiT group
+
+
+def test_output_config_writes_non_defaults_and_never_overwrites(tmp_path):
+    target = tmp_path / "mine.toml"
+    assert flux_train_network.main(COMMON + ["--config_file", str(target), "--output_config",
+                                             "--max_train_steps", "5"]) == 0
+    import tomllib
+
+    values = tomllib.loads(target.read_text())
+    assert values["max_train_steps"] == 5 and values["network_dim"] == 4 and "learning_rate" not in values
+    before = target.read_bytes()
+    assert flux_train_network.main(["--config_file", str(target), "--output_config"]) == 1
+    assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--optimizer_type", "prodigy"], "--optimizer_type"),
+    (["--lr_scheduler", "piecewise_constant"], "--lr_scheduler"),
+    (["--lr_scheduler", "adafactor"], "--lr_scheduler adafactor"),
+    (["--network_args", "train_blocks=singel"], "--network_args"),
+    (["--network_args", "split_qkv=True"], "split_qkv"),
+])
+def test_bad_values_fail_before_any_model_loads(extra, flag, tmp_path):
+    ns = flux_train_network.setup_parser().parse_args(
+        COMMON + ["--dataset_config", "d.toml", "--output_dir", str(tmp_path)] + extra)
+    with pytest.raises(SettingsError, match=flag):
+        settings_from_args(ns)

@@ -313,6 +313,16 @@ def test_mismatched_files_name_the_key(flux, tmp_path):
         lora_flux.create_network_from_weights(1.0, None, None, None, flux, weights_sd=alien)
     # the good dict still loads after all that
     net.load_weights(good)
+    # non-strict (upstream's --network_weights): the common part loads, the rest is reported, not fatal
+    partial = {k: v + 1 for k, v in good.items() if "img_mlp_2" not in k}
+    partial["lora_unet_single_blocks_0_linear2.alpha"] = torch.tensor(1.0)
+    missing_keys, extra_keys = net.load_weights(partial, strict=False)
+    assert missing_keys and all("img_mlp_2" in k for k in missing_keys)
+    assert extra_keys == ["lora_unet_single_blocks_0_linear2.alpha"]
+    loaded = net.state_dict()
+    assert all(torch.equal(loaded[k], partial[k]) for k in partial if k in loaded)
+    with pytest.raises(lora_flux.LoRAWeightsError, match="has shape"):
+        net.load_weights(wrong, strict=False)  # a shape mismatch stays an error
 
 
 @pytest.mark.parametrize("args, pattern", [

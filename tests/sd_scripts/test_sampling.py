@@ -76,6 +76,9 @@ def test_toml_and_json_prompt_files(tmp_path):
 def test_sample_image_path_format(tmp_path):
     p = sample_image_path(tmp_path, "my_lora", 250, 3, datetime(2026, 1, 2, 3, 4, 5))
     assert p == tmp_path / "sample" / "my_lora_000250_03_20260102030405.png"
+    # upstream's variants: epoch-end samples are numbered by epoch, a fixed seed is appended
+    p = sample_image_path(tmp_path, "my_lora", 250, 3, datetime(2026, 1, 2, 3, 4, 5), epoch=4, seed=42)
+    assert p == tmp_path / "sample" / "my_lora_e000004_03_20260102030405_42.png"
 
 
 # ----- generation --------------------------------------------------------------------------------------
@@ -140,7 +143,7 @@ def test_generates_named_pngs_of_the_right_size_deterministically(models, tmp_pa
     assert [p.parent for p in paths] == [tmp_path / "a" / "sample"] * 2
     for idx, p in enumerate(paths):
         assert p.name.startswith(f"demo_000012_{idx:02d}_") and p.suffix == ".png"
-        assert len(p.stem.split("_")[-1]) == 14
+        assert len(p.stem.split("_")[-2]) == 14 and p.stem.endswith(f"_{7 + idx}")  # timestamp, then --d seed
     assert Image.open(paths[0]).size == (64, 64) and Image.open(paths[1]).size == (96, 80)
     assert events == [("enter", 0), ("inject", "sample"), ("exit", 0), ("enter", 1), ("inject", "sample"), ("exit", 1)]
     assert transformer.training and not ae.training  # modes restored

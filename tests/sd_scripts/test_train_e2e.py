@@ -55,6 +55,12 @@ def test_lora_file_has_upstream_keys_shapes_and_metadata(trained, tiny_models):
     assert meta["ss_timestep_sampling"] == "shift" and meta["ss_discrete_flow_shift"] == "3.1582"
     assert re.fullmatch(r"[0-9a-f]{64}", meta["ss_new_sd_model_hash"])
     assert "fluxtrain_data_sha256" in meta
+    # upstream's hashes: sshs_model_hash is the sha256 of the tensor data section
+    assert meta["sshs_model_hash"] == meta["fluxtrain_data_sha256"]
+    assert re.fullmatch(r"[0-9a-f]{8}", meta["sshs_legacy_hash"])
+    assert re.fullmatch(r"[0-9a-f]{8}", meta["ss_sd_model_hash"])
+    assert json.loads(meta["ss_dataset_dirs"]) == {"images": {"n_repeats": 1, "img_count": 4}}
+    assert json.loads(meta["ss_tag_frequency"])["images"]["tok"] == 4
 
 
 def test_epoch_files_state_folders_and_heartbeat(trained):
