@@ -185,6 +185,16 @@ def maybe_sample(trainer, *, at_epoch_end: bool, first: bool = False) -> None:
     trainer.barrier()
 
 
+def sample_conditioning(trainer, prompt: str) -> dict:
+    """Cached T5 states for a sample prompt; when CLIP-L is trained, its pooled vector is encoded now so
+    the sample shows the CLIP LoRA as it is at this step (as upstream, which re-encodes at sample time)."""
+    cond = dict(trainer.sample_embeds[prompt])
+    if trainer.train_clip:
+        tokens = trainer.text_encoder.tokenize([prompt])
+        cond["l_pooled"] = trainer.text_encoder.encode_clip(tokens["clip_ids"].to(trainer.device))
+    return cond
+
+
 def generate_samples(trainer, epoch: int | None = None) -> None:
     from library import sampling
 
@@ -199,7 +209,7 @@ def generate_samples(trainer, epoch: int | None = None) -> None:
 
     with torch.no_grad():
         sampling.generate_samples(
-            transformer=trainer.transformer, ae=trainer.ae, encode_prompt=lambda p: trainer.sample_embeds[p],
+            transformer=trainer.transformer, ae=trainer.ae, encode_prompt=lambda p: sample_conditioning(trainer, p),
             prompts=trainer.sample_prompts, output_dir=trainer.s.save.output_dir,
             output_name=trainer.s.save.output_name, step=trainer.pos.step, device=trainer.device,
             dtype=trainer.weight_dtype, is_schnell=trainer.model_info.is_schnell, per_image_guard=guard,

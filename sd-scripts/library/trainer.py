@@ -7,6 +7,7 @@ counts as a checkpoint is written atomically by `library.checkpoint_io`.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import os
@@ -202,12 +203,24 @@ class FluxLoRATrainer:
                 images = images.to(self.device, self.weight_dtype)
                 return flux_loading.encode_latents(self.ae, images, generator).float().cpu()
 
-        self.latent_cache = caching.cache_latents(
-            self.dataset, encode, to_disk=self.s.data.cache_latents_to_disk,
-            batch_size=self.s.data.vae_batch_size, io_timeout=self.s.guards.cache_io_timeout,
-            fingerprint=caching.file_identity(self.s.model.ae_path))
+        to_disk = self.s.data.cache_latents_to_disk
+        with self.main_process_first(to_disk, "waiting for the main process to cache latents"):
+            self.latent_cache = caching.cache_latents(
+                self.dataset, encode, to_disk=to_disk,
+                batch_size=self.s.data.vae_batch_size, io_timeout=self.s.guards.cache_io_timeout,
+                fingerprint=caching.file_identity(self.s.model.ae_path))
         self.ae.to("cpu")
         self.barrier()
+
+    @contextlib.contextmanager
+    def main_process_first(self, shared_files: bool, what: str):
+        """With caches on disk, the main process writes them and the other ranks then only read them."""
+        first = shared_files and self.accelerator.num_processes > 1
+        if first and not self.is_main:
+            self.barrier(what)
+        yield
+        if first and self.is_main:
+            self.barrier(what)
 
     def text_fingerprint(self) -> str:
         from library import caching
@@ -230,11 +243,13 @@ class FluxLoRATrainer:
                     out = self.text_encoder.encode(captions)
                 return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
 
-            self.te_cache = caching.cache_text_encoder_outputs(
-                self.dataset, encode, to_disk=self.s.data.cache_text_encoder_outputs_to_disk,
-                fingerprint=self.text_fingerprint(), apply_t5_attn_mask=self.s.model.apply_t5_attn_mask,
-                batch_size=self.s.data.text_encoder_batch_size or self.blueprints[0].batch_size,
-                io_timeout=self.s.guards.cache_io_timeout)
+            to_disk = self.s.data.cache_text_encoder_outputs_to_disk
+            with self.main_process_first(to_disk, "waiting for the main process to cache text encoder outputs"):
+                self.te_cache = caching.cache_text_encoder_outputs(
+                    self.dataset, encode, to_disk=to_disk,
+                    fingerprint=self.text_fingerprint(), apply_t5_attn_mask=self.s.model.apply_t5_attn_mask,
+                    batch_size=self.s.data.text_encoder_batch_size or self.blueprints[0].batch_size,
+                    io_timeout=self.s.guards.cache_io_timeout)
         self.dataset.set_caches(self.latent_cache, self.te_cache)
         self.encode_sample_prompts()
         if self.te_cache is not None:

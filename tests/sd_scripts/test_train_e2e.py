@@ -178,3 +178,21 @@ def test_low_vram_combination_trains(trained, tiny_models, tmp_path):
     assert not any("double_blocks" in k for k in tensors)
     ups = [v for k, v in tensors.items() if "single_blocks" in k and k.endswith("lora_up.weight")]
     assert ups and any(u.abs().sum() > 0 for u in ups)  # the swapped, checkpointed blocks were trained
+
+
+def test_samples_at_first_and_per_epoch_with_upstream_names(trained, tiny_models, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\ntok, a red ball --w 32 --h 32 --s 2 --d 5\ntok, a cube --w 96 --h 64 --s 2\n")
+    out = tmp_path / "o"
+    args = trainer_args(tiny_models, trained["toml"], out, "--max_train_epochs", "1", "--sample_prompts",
+                        str(prompts), "--sample_at_first", "--sample_every_n_epochs", "1")
+    proc = run_trainer(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in (out / "sample").glob("*.png"))
+    assert len(names) == 4, names
+    assert re.fullmatch(r"tiny_000000_00_\d{14}_5\.png", names[0]) and re.fullmatch(r"tiny_000000_01_\d{14}\.png",
+                                                                                     names[1])
+    assert re.fullmatch(r"tiny_e000001_00_\d{14}_5\.png", names[2])
+    from PIL import Image
+
+    assert Image.open(out / "sample" / names[3]).size == (96, 64)
