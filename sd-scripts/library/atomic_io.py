@@ -303,6 +303,8 @@ def pid_alive(pid: int) -> bool:
     """Whether another live process has this pid (our own pid counts as dead: a leftover of an earlier life)."""
     if pid == os.getpid():
         return False  # our own leftovers can only be from a previous life of this pid
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate the process on Windows; keep its files
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

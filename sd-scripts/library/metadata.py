@@ -15,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+from library.atomic_io import sha256_file
+
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")
 
@@ -43,11 +45,7 @@ class ModelHasher:
             threading.Thread(target=self._run, name="model-hash", daemon=True).start()
 
     def _run(self) -> None:
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(8 << 20), b""):
-                digest.update(chunk)
-        self.value = digest.hexdigest()
+        self.value = sha256_file(self.path)
 
 
 def legacy_file_hash(path: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from library.atomic_io import atomic_file, parse_leftover, pid_alive
 from library.fault_injection import inject_point
 
 logger = logging.getLogger(__name__)
@@ -130,66 +130,23 @@ def bounded_npz_load(path: os.PathLike | str, *, timeout: float | None, keys=Non
     return _load_with_thread(path, keys, float(timeout))
 
 
-def temp_path_for(final: Path) -> Path:
-    """Hidden temp name in the same folder (same filesystem, so os.replace is atomic)."""
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # e.g. Windows cannot open folders; the rename itself is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_savez(path: os.PathLike | str, arrays: dict[str, np.ndarray]) -> Path:
     """Write `arrays` as an uncompressed npz at exactly `path` (no `.npz` is appended), atomically."""
     # FIX: a run killed mid-write left a truncated cache that later crashed (or was reused): temp + rename.
     final = Path(path)
-    tmp = temp_path_for(final)
-    try:
+    with atomic_file(final) as tmp:
         # Writing through a file object stops numpy from appending ".npz" to the temp name.
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(final.parent)
     return final
-
-
-def _writer_alive(pid_text: str) -> bool:
-    try:
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if pid == os.getpid():
-        return False
-    if os.name == "nt":
-        return True  # os.kill(pid, 0) would terminate the process on Windows; keep the file
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists but is not ours, or we cannot tell: leave it alone
-    return True
 
 
 def remove_stale_temps(final: Path) -> list[Path]:
     """Delete temp files a killed writer left for `final`; they are never read as caches anyway."""
     removed = []
     for leftover in final.parent.glob(f".{final.name}.tmp-*"):
-        if _writer_alive(leftover.name.rsplit(".tmp-", 1)[-1].split("-")[0]):
+        parsed = parse_leftover(leftover.name)
+        if parsed is not None and parsed[2] is not None and pid_alive(parsed[2]):
             continue  # another live process (a second trainer on the same folder) is writing it
         try:
             leftover.unlink()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, ContextManager
 
+from library.atomic_io import atomic_file
 from library.fault_injection import inject_point
 
 logger = logging.getLogger(__name__)
@@ -313,18 +313,9 @@ def _decode(ae, latents, device):
 
 
 def _save_png_atomic(image, path: Path) -> None:
-    """Write to a hidden temp name in the same folder, fsync, then rename: readers never see half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "wb") as fh:
-            image.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Readers (and a monitor watching the folder) never see half a PNG: temp name, fsync, rename."""
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 __all__ = ["SamplePrompt", "SamplePromptError", "parse_sample_prompts", "parse_prompt_line", "sample_image_path",
