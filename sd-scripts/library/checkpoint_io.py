@@ -63,14 +63,18 @@ def _data_section(blob: bytes) -> memoryview:
 
 
 def save_lora_file(final_path, tensors: dict, metadata: dict | None, *, ops: atomic_io.FsOps | None = None) -> Path:
-    """Write a LoRA safetensors file atomically, adding the tensor-data sha256 to its metadata."""
+    """Write a LoRA safetensors file atomically, adding the tensor-data sha256 to its metadata (as ours and
+    as upstream's sshs_model_hash, with sshs_legacy_hash beside it)."""
     from safetensors.torch import save as st_save
 
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.pop(DATA_SHA_KEY, None)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    # The data section does not depend on the metadata, so hash it from a first serialisation.
-    meta[DATA_SHA_KEY] = hashlib.sha256(_data_section(st_save(tensors, metadata=meta))).hexdigest()
+    # The data section does not depend on the metadata, so hash it from a first serialisation. That one
+    # carries only the ss_* keys, which is what upstream hashes for sshs_model_hash / sshs_legacy_hash.
+    draft = st_save(tensors, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
+    meta[DATA_SHA_KEY] = meta["sshs_model_hash"] = hashlib.sha256(_data_section(draft)).hexdigest()
+    meta["sshs_legacy_hash"] = hashlib.sha256(draft[0x100000:0x110000]).hexdigest()[:8]
     blob = st_save(tensors, metadata=meta)
     return atomic_io.write_file_atomic(Path(final_path), blob, ops=ops)
 

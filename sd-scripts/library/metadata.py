@@ -55,17 +55,6 @@ def legacy_file_hash(path: str) -> str:
         return hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
 
 
-def safetensors_hashes(tensors: dict, meta: dict[str, str]) -> tuple[str, str]:
-    """(sshs_model_hash, sshs_legacy_hash) as upstream computes them for the file it is about to write:
-    sha256 of the serialised tensor data, and the legacy hash of the serialised bytes (ss_* metadata only)."""
-    from safetensors.torch import save
-
-    data = save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
-    header_len = int.from_bytes(data[:8], "little")
-    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
-    return model_hash, hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-
-
 def dataset_statistics(items) -> dict[str, str]:
     """ss_tag_frequency and ss_dataset_dirs: per image folder, caption tag counts and image/repeat counts."""
     tags: dict[str, dict[str, int]] = {}

@@ -432,9 +432,7 @@ class FluxLoRATrainer:
             meta = metadata.metadata_for_save(self.base_metadata, step=self.pos.step, epoch=self.completed_epochs(),
                                               model_hash=self.model_hasher.value, minimal=self.s.save.no_metadata)
             print(f"saving checkpoint: {out / file_name}")
-            tensors = self.lora_tensors()
-            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = metadata.safetensors_hashes(tensors, meta)
-            checkpoint_io.save_lora_file(out / file_name, tensors, meta)
+            checkpoint_io.save_lora_file(out / file_name, self.lora_tensors(), meta)
             self.rotate()
         self.set_phase(previous_phase if previous_phase != "saving" else "training")
 
