@@ -52,10 +52,21 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         return max(0, total)
 
 
-def make_loader(trainer) -> torch.utils.data.DataLoader:
+def training_batches(trainer) -> Iterator[dict]:
+    """Batches from the trainer's position on, every wait bounded (iter() and each next())."""
     s = trainer.s
     workers = min(s.data.num_workers, len(trainer.dataset.items), os.cpu_count() or 1)  # capped as upstream
-    trainer.loader_workers = workers
+    loader = make_loader(trainer, workers)
+    bound = s.guards.dataloader_timeout
+    # With workers the DataLoader's own timeout fires first and names the batch; this deadline is the
+    # backstop. Without workers it is the only bound, so it uses the flag's value itself.
+    # FIX: with 0 workers a stuck __getitem__ had no bound at all; this deadline is it.
+    backstop = (bound + 10 if workers else bound) if bound else None
+    return trainer.guards.guard_iterator(loader, site="dataloader", seconds=backstop)
+
+
+def make_loader(trainer, workers: int) -> torch.utils.data.DataLoader:
+    s = trainer.s
     sampler = ResumableBatchSampler(
         trainer.dataset, start_epoch=trainer.pos.epoch, start_batch=trainer.pos.batch_in_epoch,
         num_epochs=trainer.num_epochs, rank=trainer.accelerator.process_index,
@@ -69,24 +80,6 @@ def make_loader(trainer) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         trainer.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
         pin_memory=trainer.device.type == "cuda", **kwargs)
-
-
-def next_batch(trainer, iterator) -> dict | None:
-    """The next batch, with every wait bounded (workers: DataLoader timeout; no workers: our deadline)."""
-    bound = trainer.s.guards.dataloader_timeout
-    # With workers the DataLoader's own timeout fires first and names the batch; this deadline is the
-    # backstop. Without workers it is the only bound, so it uses the flag's value itself.
-    backstop = (bound + 10 if trainer.loader_workers else bound) if bound else None
-    try:
-        # FIX: with 0 workers a stuck __getitem__ had no bound at all; this deadline is it.
-        with trainer.guards.deadline("dataloader", backstop, hint=HINTS["dataloader"]):
-            return next(iterator)
-    except StopIteration:
-        return None
-    except RuntimeError as exc:
-        if "DataLoader timed out" in str(exc) or "timed out after" in str(exc):
-            trainer.guards.fire_from_exception("dataloader", exc)
-        raise
 
 
 def text_conditioning(trainer, batch: dict) -> dict:
@@ -230,8 +223,7 @@ def run_training_loop(trainer) -> None:
     trainer.heartbeat.set_totals(trainer.max_train_steps, trainer.num_epochs)
     maybe_sample(trainer, at_epoch_end=False, first=pos.step == 0)
     trainer.transformer.train()
-    loader = make_loader(trainer)
-    iterator = iter(loader)
+    batches = training_batches(trainer)
     bar = tqdm(total=trainer.max_train_steps, initial=pos.step, desc="steps", smoothing=0, file=sys.stderr,
                disable=not trainer.accelerator.is_main_process)
     losses: list[float] = []
@@ -241,7 +233,7 @@ def run_training_loop(trainer) -> None:
             current_epoch = pos.epoch
             if trainer.is_main:
                 print(f"\nepoch {pos.epoch + 1}/{trainer.num_epochs}", flush=True)
-        batch = next_batch(trainer, iterator)
+        batch = next(batches, None)
         if batch is None:
             break
         loss = training_step(trainer, batch)
