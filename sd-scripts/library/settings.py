@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -367,6 +367,3 @@ def total_steps(max_train_steps: int, max_train_epochs: int | None, batches_per_
         return steps, max_train_epochs
     return max_train_steps, math.ceil(max_train_steps / max(1, batches_per_epoch))
 
-
-def describe(settings: TrainSettings) -> dict:
-    return asdict(settings)

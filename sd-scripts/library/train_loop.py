@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections import deque
 from typing import Iterator
 
 import torch
@@ -226,7 +227,7 @@ def run_training_loop(trainer) -> None:
     batches = training_batches(trainer)
     bar = tqdm(total=trainer.max_train_steps, initial=pos.step, desc="steps", smoothing=0, file=sys.stderr,
                disable=not trainer.accelerator.is_main_process)
-    losses: list[float] = []
+    recent_losses: deque[float] = deque(maxlen=100)  # tqdm's avr_loss: mean of the last 100 steps
     current_epoch = None
     while pos.step < trainer.max_train_steps:
         if current_epoch != pos.epoch:
@@ -239,9 +240,9 @@ def run_training_loop(trainer) -> None:
         loss = training_step(trainer, batch)
         pos.step += 1
         pos.batch_in_epoch += 1
-        losses.append(loss)
+        recent_losses.append(loss)
         bar.update(1)
-        bar.set_postfix(avr_loss=sum(losses[-100:]) / len(losses[-100:]))
+        bar.set_postfix(avr_loss=sum(recent_losses) / len(recent_losses))
         trainer.record_loss(loss)
         trainer.heartbeat.step(pos.step, pos.epoch + 1)
         trainer.guards.progress()

@@ -57,7 +57,6 @@ class FluxLoRATrainer:
         self.pos = TrainingPosition()
         self.phase = "loading"
         self.sample_embeds: dict = {}
-        self.step_losses: list[float] = []
 
     # ------------------------------------------------------------------ table of contents
     def train(self) -> int:
@@ -395,7 +394,6 @@ class FluxLoRATrainer:
         self.heartbeat.checkpoint(str(info.path))
 
     def record_loss(self, loss: float) -> None:
-        self.step_losses.append(loss)
         if self.loss_log is not None:
             # repr() keeps every bit of the float, so runs can be compared exactly.
             self.loss_log.write(f"{self.pos.step},{loss!r}\n")
