@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from library import checkpoint_io, checkpoint_validation, metadata, train_util
+from library import checkpoint_io, checkpoint_validation, metadata
 from library.heartbeat import Heartbeat
 from library.hang_guards import HINTS, HangGuards
 from library.settings import SettingsError, TrainSettings, total_steps
@@ -416,15 +416,10 @@ class FluxLoRATrainer:
         # FIX: saving had no bound (a stuck disk or network share froze the run); saves are atomic, so ending
         # the run on --save_timeout leaves the previous checkpoint intact.
         with self.guards.deadline("save", self.s.guards.save_timeout, hint=HINTS["save"]):
-            if kind == "epoch":
-                file_name = train_util.get_epoch_ckpt_name(name, self.pos.epoch)
-                state_name = train_util.EPOCH_STATE_NAME.format(name, self.pos.epoch)
-            elif kind == "step":
-                file_name = train_util.get_step_ckpt_name(name, self.pos.step)
-                state_name = train_util.STEP_STATE_NAME.format(name, self.pos.step)
-            else:
-                file_name = train_util.get_last_ckpt_name(name)
-                state_name = train_util.LAST_STATE_NAME.format(name)
+            # The names come from the module discovery uses, so what is written is what resume finds.
+            number = {"epoch": {"epoch": self.pos.epoch}, "step": {"step": self.pos.step}}.get(kind, {})
+            file_name = checkpoint_validation.lora_file_name(name, **number)
+            state_name = checkpoint_validation.state_dir_name(name, **number)
             if with_state:
                 self.write_state(out / state_name, kind)
             meta = metadata.metadata_for_save(self.base_metadata, step=self.pos.step, epoch=self.completed_epochs(),
