@@ -25,29 +25,37 @@ _GLOBAL_RENAMES = {
     "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
     "final_layer.linear": "proj_out",
 }
-_DOUBLE_RENAMES = {
-    "img_mod.lin": "norm1.linear",
-    "txt_mod.lin": "norm1_context.linear",
-    "img_attn.proj": "attn.to_out.0",
-    "txt_attn.proj": "attn.to_add_out",
-    "img_mlp.0": "ff.net.0.proj",
-    "img_mlp.2": "ff.net.2",
-    "txt_mlp.0": "ff_context.net.0.proj",
-    "txt_mlp.2": "ff_context.net.2",
+# Every Linear of a BFL block -> the diffusers module(s) holding its rows, fused ones (qkv = cat(q, k, v);
+# linear1 = cat(q, k, v, mlp_in)) in row order. Listed in upstream LoRA module order: the LoRA network
+# (networks/lora_flux.py) names and hooks its modules from these same tables.
+DOUBLE_BLOCK_LINEARS: dict[str, tuple[str, ...]] = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "txt_mod.lin": ("norm1_context.linear",),
 }
+SINGLE_BLOCK_LINEARS: dict[str, tuple[str, ...]] = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
+_DOUBLE_RENAMES = {k: v[0] for k, v in DOUBLE_BLOCK_LINEARS.items() if len(v) == 1}
+_DOUBLE_FUSED = {k: v for k, v in DOUBLE_BLOCK_LINEARS.items() if len(v) > 1}
 _DOUBLE_NORMS = {
     "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
     "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
     "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
     "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
 }
-_DOUBLE_FUSED = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-}
-_SINGLE_RENAMES = {"modulation.lin": "norm.linear", "linear2": "proj_out"}
+_SINGLE_RENAMES = {k: v[0] for k, v in SINGLE_BLOCK_LINEARS.items() if len(v) == 1}
 _SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
-_SINGLE_FUSED = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+_SINGLE_FUSED = SINGLE_BLOCK_LINEARS["linear1"]
 _FINAL_MOD = "final_layer.adaLN_modulation.1"
 
 _BLOCK_RE = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")

@@ -17,31 +17,18 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from library import flux_convert
+
 logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "lora_unet"
 TE1_PREFIX = "lora_te1"
 
-# BFL double-block LoRA name suffix -> diffusers module paths inside `transformer_blocks.{i}`, in the row
-# order of the fused BFL weight (qkv = cat(q, k, v); mod_lin chunks match AdaLayerNormZero's 6-way chunk).
-DOUBLE_TARGETS: dict[str, tuple[str, ...]] = {
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn_proj": ("attn.to_out.0",),
-    "img_mlp_0": ("ff.net.0.proj",),
-    "img_mlp_2": ("ff.net.2",),
-    "img_mod_lin": ("norm1.linear",),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn_proj": ("attn.to_add_out",),
-    "txt_mlp_0": ("ff_context.net.0.proj",),
-    "txt_mlp_2": ("ff_context.net.2",),
-    "txt_mod_lin": ("norm1_context.linear",),
-}
-# Single blocks: BFL linear1 = cat(q, k, v, mlp_in); linear2 takes cat(attn_out, mlp_act) like proj_out.
-SINGLE_TARGETS: dict[str, tuple[str, ...]] = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation_lin": ("norm.linear",),
-}
+# LoRA name suffix (the BFL module path with `_` for `.`) -> diffusers module paths inside
+# `transformer_blocks.{i}` / `single_transformer_blocks.{i}`, in the row order of the fused BFL weight
+# (qkv = cat(q, k, v); linear1 = cat(q, k, v, mlp_in)). The key converter's tables, so the two never disagree.
+DOUBLE_TARGETS = {bfl.replace(".", "_"): paths for bfl, paths in flux_convert.DOUBLE_BLOCK_LINEARS.items()}
+SINGLE_TARGETS = {bfl.replace(".", "_"): paths for bfl, paths in flux_convert.SINGLE_BLOCK_LINEARS.items()}
 # CLIP-L: every Linear inside each encoder layer's attention and MLP.
 TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
