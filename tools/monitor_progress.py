@@ -10,7 +10,6 @@ Stdlib only; GPU utilisation is deliberately not an input here.
 from __future__ import annotations
 
 import codecs
-import json
 import os
 import re
 import statistics
@@ -21,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-HEARTBEAT_NAME = "heartbeat.json"
+# The trainer's own reader (stdlib only); training_monitor.py puts sd-scripts/ on sys.path.
+from library.heartbeat import read_heartbeat  # noqa: F401  (re-exported for training_monitor)
+
 # Files the monitor itself or the heartbeat writer touch all the time: never "progress".
 _OWN_FILES = re.compile(r"^(train\.log|training_monitor\.log|heartbeat\.json|\.heartbeat\.json\.tmp-.*|stall-.*\.txt)$")
 _BAR = r"(?P<bar>(?:(?P<desc>[A-Za-z][\w ]*?):\s*)?\d{1,3}%\|[^|\n]*\|\s*(?P<n>\d+)/(?P<m>\d+))"
@@ -146,15 +147,6 @@ class LogParser:
                 st.changes += 1
                 self._last_step_at = None
                 return
-
-
-def read_heartbeat(output_dir: Path) -> dict | None:
-    try:
-        with open(output_dir / HEARTBEAT_NAME, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def file_signature(output_dir: Path, limit: int = 5000) -> tuple[int, int, int]:
