@@ -25,23 +25,9 @@ from library.heartbeat import read_heartbeat  # noqa: F401  (re-exported for tra
 
 # Files the monitor itself or the heartbeat writer touch all the time: never "progress".
 _OWN_FILES = re.compile(r"^(train\.log|training_monitor\.log|heartbeat\.json|\.heartbeat\.json\.tmp-.*|stall-.*\.txt)$")
-_BAR = r"(?P<bar>(?:(?P<desc>[A-Za-z][\w ]*?):\s*)?\d{1,3}%\|[^|\n]*\|\s*(?P<n>\d+)/(?P<m>\d+))"
-# tqdm ends a redraw with no line end (the next one starts with \r), so the last bar is read before its
-# terminator arrives, as soon as its counter is complete (followed by the " [elapsed<left" part).
-_OPEN_BAR = re.compile(_BAR + r"(?=\s*\[)")
-_MARKERS = re.compile(
-    _BAR +
-    r"|^\s*epoch (?P<ep>\d+)/(?P<eps>\d+)\s*$"
-    r"|(?P<saving>saving checkpoint|saving state|saving last state)"
-    r"|(?P<caching_latents>caching latents)"
-    r"|(?P<caching_text>caching Text Encoder outputs)"
-    r"|(?P<sampling>generating sample images)"
-    r"|(?P<done>model saved\.)"
-    r"|(?P<failed>HANG GUARD \[)",
-    re.M,
-)
-# Cheap substring tests so a flood of unrelated output never reaches the regex engine.
-_HINTS = ("%|", "epoch ", "saving", "caching", "generating sample", "model saved", "HANG GUARD")
+# The markers are defined once, next to the trainer code that prints them.
+from library.console_markers import HINTS as _HINTS, MARKERS as _MARKERS, OPEN_BAR as _OPEN_BAR  # noqa: E402
+
 _CARRY_MAX = 4096
 PHASES_LOADING = ("loading",)
 PHASES_CACHING = ("caching_latents", "caching_text", "caching")

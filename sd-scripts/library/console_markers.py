@@ -1,0 +1,40 @@
+"""Console lines that other programs parse: each marker is defined once, here.
+
+Readers: the run supervisor's progress parser (`fluxgym/supervise/`, formerly
+`tools/monitor_progress.py`), FluxGym's own app and users' scripts that grep upstream logs.
+The texts are upstream sd-scripts' own, so the same parser works on upstream runs too.
+Change one only together with its reader; the tests pin both sides. Stdlib only.
+"""
+from __future__ import annotations
+
+import re
+
+STEPS_BAR_DESC = "steps"                       # tqdm description of the training bar: "steps:  40%|...| 4/10"
+EPOCH_LINE = "epoch {epoch}/{total}"           # printed on its own line when an epoch starts (1-based)
+SAVING_CHECKPOINT = "saving checkpoint: {path}"  # before each LoRA file is written
+SAVING_STATE = "saving state at {what}"        # before a state folder is written ("step 10", "epoch 2")
+SAVING_LAST_STATE = "saving last state."
+CACHING_LATENTS = "caching latents..."
+CACHING_TEXT = "caching Text Encoder outputs..."
+GENERATING_SAMPLES = "generating sample images at step: {step}"
+MODEL_SAVED = "model saved."                   # the run wrote its final LoRA
+HANG_GUARD = "HANG GUARD [{site}]: {detail}"  # a hang guard fired; the process exits 124
+STALL_DUMP = "STALL: no progress for {seconds:g} s"
+
+# What the supervisor's parser matches. `_BAR` reads a tqdm counter with an optional description;
+# tqdm ends a redraw with no line end, so OPEN_BAR reads the last one before its terminator arrives.
+_BAR = r"(?P<bar>(?:(?P<desc>[A-Za-z][\w ]*?):\s*)?\d{1,3}%\|[^|\n]*\|\s*(?P<n>\d+)/(?P<m>\d+))"
+OPEN_BAR = re.compile(_BAR + r"(?=\s*\[)")
+MARKERS = re.compile(
+    _BAR
+    + r"|^\s*epoch (?P<ep>\d+)/(?P<eps>\d+)\s*$"
+    + r"|(?P<saving>saving checkpoint|saving state|saving last state)"
+    + r"|(?P<caching_latents>caching latents)"
+    + r"|(?P<caching_text>caching Text Encoder outputs)"
+    + r"|(?P<sampling>generating sample images)"
+    + r"|(?P<done>model saved\.)"
+    + r"|(?P<failed>HANG GUARD \[)",
+    re.M,
+)
+# Cheap substring tests so a flood of unrelated output never reaches the regex engine.
+HINTS = ("%|", "epoch ", "saving", "caching", "generating sample", "model saved", "HANG GUARD")
