@@ -16,7 +16,7 @@ from pathlib import Path
 from fluxgym import __version__
 from fluxgym.dataset_toml import dataset_config, render_dataset_toml
 from fluxgym.models import missing_files, resolve_base_model
-from fluxgym.naming import ProjectPaths, claim_slug, project_paths
+from fluxgym.naming import ProjectPaths, check_one_line, claim_slug, project_paths
 from fluxgym.prepare import DatasetError, MIN_IMAGES, list_images
 from fluxgym.presets import get_preset
 from fluxgym.script import TrainRequest, build_argv, header_lines, render_bat, render_sh
@@ -124,7 +124,7 @@ def build_request(o: GenerateOptions) -> tuple[TrainRequest, ProjectPaths, str]:
     if len(list_images(paths.dataset_dir)) < MIN_IMAGES:
         raise DatasetError(f"{paths.dataset_dir} has fewer than {MIN_IMAGES} images; run `prepare` again")
     models = resolve_base_model(paths.root, o.base_model)
-    trigger = o.name if o.trigger is None else o.trigger
+    trigger = o.name if o.trigger is None else check_one_line(o.trigger, "--trigger")
     prompts = _sample_prompts_text(o, trigger)
     sampling = o.sample_every > 0 and bool(prompts.strip())
     req = TrainRequest(

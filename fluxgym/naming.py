@@ -14,10 +14,38 @@ from pathlib import Path
 
 CLAIM_FILE = ".fluxgym-name"
 _MAX_SLUG = 64
+# Unicode categories refused in a NAME or trigger: control characters (newline, tab, NUL, ESC, DEL, C1) and the
+# line/paragraph separators, which str.splitlines() and many editors also treat as line breaks.
+_REFUSED_CATEGORIES = {"Cc": "a control character", "Zl": "a line separator", "Zp": "a paragraph separator"}
+_NAMED_CHARS = {"\n": "a line break (\\n)", "\r": "a carriage return (\\r)", "\t": "a tab (\\t)"}
 
 
 class LoraNameError(ValueError):
     """A NAME that gives no usable slug, or collides with another LoRA's slug."""
+
+
+class TextFieldError(ValueError):
+    """A NAME or trigger with a line break or control character; `field` says which input it was."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_one_line(value: str, field: str) -> str:
+    """Return `value` unchanged, or raise TextFieldError naming `field` and the first refused character.
+
+    A trigger ends up as a caption, a `class_tokens` value and a line of sample_prompts.txt, where a line break
+    silently splits it in two; a NAME is recorded in the slug claim file. Quotes, `$()`, backslashes and any other
+    printable unicode are fine: every writer quotes or escapes them.
+    """
+    for index, char in enumerate(value):
+        kind = _REFUSED_CATEGORIES.get(unicodedata.category(char))
+        if kind is not None:
+            what = _NAMED_CHARS.get(char, f"{kind} (U+{ord(char):04X})")
+            raise TextFieldError(field, f"{field} contains {what} at character {index + 1}: it must be one line "
+                                        "of text without control characters; remove it and try again")
+    return value
 
 
 def slugify(name: str) -> str:
@@ -58,7 +86,8 @@ class ProjectPaths:
 
 
 def project_paths(root: str | Path, name: str) -> ProjectPaths:
-    return ProjectPaths(Path(root).resolve(), slugify(name))
+    """Paths for NAME under `root`; a NAME with a line break or control character is refused (TextFieldError)."""
+    return ProjectPaths(Path(root).resolve(), slugify(check_one_line(name, "NAME")))
 
 
 def check_claim(paths: ProjectPaths, name: str) -> bool:

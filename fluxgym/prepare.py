@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from fluxgym.naming import check_one_line
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -83,6 +85,7 @@ def _save_image(src: Path, dst: Path, resolution: int) -> None:
 
 def prepare_dataset(src: Path, dest: Path, *, trigger: str, resolution: int = 512) -> list[PreparedImage]:
     """Copy and resize every image of `src` into `dest`, with one caption file each."""
+    check_one_line(trigger, "--trigger")
     if resolution <= 0:
         raise DatasetError(f"--resolution must be positive, got {resolution}")
     images = check_image_folder(src)

@@ -9,12 +9,13 @@ import tomllib
 
 import pytest
 
-from fg_helpers import STAND_IN, setup_lora, stand_in_env
-from fluxgym.naming import LoraNameError, claim_slug, project_paths, slugify
+from fg_helpers import STAND_IN, make_images, setup_lora, stand_in_env
+from fluxgym.cli import main
+from fluxgym.naming import LoraNameError, TextFieldError, check_one_line, claim_slug, project_paths, slugify
 from fluxgym.script import BatQuoteError, bat_quote
 
-HOSTILE_NAME = "x'; $(touch PWNED) `touch PWNED2` ; rm -rf / \n naïve \"lora\""
-HOSTILE_TRIGGER = 'it\'s "quoted" \\back\\slash $(touch PWNED) `uname` ; new\nline ünïcödé 🚀 [x] = 1 #'
+HOSTILE_NAME = "x'; $(touch PWNED) `touch PWNED2` ; rm -rf / naïve \"lora\" \\n"
+HOSTILE_TRIGGER = 'it\'s "quoted" \\back\\slash $(touch PWNED) `uname` ; not\\na newline ünïcödé 🚀 [x] = 1 #'
 HOSTILE_EXTRA = ["--foo", "a b", "$(touch PWNED)", "'", '"', "line1\nline2", "`id`", ";", "*", "~", "",
                  "100%", "back\\slash\\", "ünï"]
 HOSTILE_DIRS = ["we ird $(touch PWNED) `touch PWNED` ;'\"& ü", "new\nline dir", "-leading dash"]
@@ -77,11 +78,43 @@ def test_dataset_toml_round_trips_hostile_trigger(root):
     assert data["datasets"][0]["resolution"] == 64 and data["datasets"][0]["batch_size"] == 1
 
 
-@pytest.mark.parametrize("trigger", ["'", '"', "\\", "a\\nb", "\n", "\t\x7f", "ünïcödé", "'''", '"""', ""])
+@pytest.mark.parametrize("trigger", ["'", '"', "\\", "a\\nb", "ünïcödé", "'''", '"""', "", " x ", "\u200b", "🚀"])
 def test_dataset_toml_round_trip_each(root, trigger):
     _, res = setup_lora(root, "t", trigger=trigger)
     data = tomllib.loads(res.files["dataset.toml"].read_text(encoding="utf-8"))
     assert data["datasets"][0]["subsets"][0]["class_tokens"] == trigger
+
+
+# A line break would split the trigger into two sample prompts and two caption lines; control characters have no
+# place in a caption or a folder claim either. U+0085/U+2028/U+2029 are line breaks to str.splitlines().
+REFUSED_CHARS = ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("char", REFUSED_CHARS)
+def test_line_breaks_and_control_characters_are_refused(root, tmp_path, capsys, char):
+    src = make_images(tmp_path / "src", 2)
+    assert main(["prepare", "ok", "--images", str(src), "--trigger", f"a{char}b", "--root", str(root)]) == 2
+    assert "--trigger contains" in capsys.readouterr().err
+    assert main(["prepare", f"my{char}lora", "--images", str(src), "--trigger", "t", "--root", str(root)]) == 2
+    assert "NAME contains" in capsys.readouterr().err
+    assert not (root / "datasets").exists() and not (root / "outputs").exists(), "nothing written"
+
+    assert main(["prepare", "ok", "--images", str(src), "--trigger", "fine", "--root", str(root)]) == 0
+    assert main(["generate", "ok", "--vram", "16G", "--trigger", f"a{char}b", "--root", str(root)]) == 2
+    assert "--trigger contains" in capsys.readouterr().err
+    assert main(["generate", f"ok{char}", "--vram", "16G", "--root", str(root)]) == 2
+    assert "NAME contains" in capsys.readouterr().err
+    assert not (root / "outputs" / "ok" / "train.sh").exists()
+
+
+def test_one_line_check_keeps_values_exactly():
+    for value in (HOSTILE_TRIGGER, HOSTILE_NAME, "", "a\\nb", "ünï 🚀 \u200b"):
+        assert check_one_line(value, "--trigger") is value
+    with pytest.raises(TextFieldError, match=r"--trigger contains a line break \(\\n\) at character 3") as exc:
+        check_one_line("ab\ncd", "--trigger")
+    assert exc.value.field == "--trigger"
+    with pytest.raises(TextFieldError, match=r"NAME contains a line separator \(U\+2028\) at character 1"):
+        check_one_line("\u2028", "NAME")
 
 
 def test_slugs():
