@@ -18,7 +18,7 @@ from fluxgym import __version__
 from fluxgym.generate import REPO_ROOT, GenerateOptions, generate
 from fluxgym.models import ModelError
 from fluxgym.naming import LoraNameError, check_claim, claim_slug, project_paths, resolve_existing
-from fluxgym.prepare import DatasetError, prepare_dataset
+from fluxgym.prepare import DatasetError, apply_plan, plan_dataset
 from fluxgym.presets import PresetError, preset_names
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True, help="folder of images (optional <image>.txt captions)")
     p.add_argument("--trigger", default="", help="caption for images that have none")
     p.add_argument("--resolution", type=int, default=512, help="shorter side after resizing (default 512)")
+    p.add_argument("--replace", action="store_true",
+                   help="make datasets/<name>/ match --images: remove the images and captions the folder no longer "
+                        "has and overwrite captions it changed, listing them (without it, prepare stops and lists them)")
     _add_generate(sub)
     for cmd, text in (("train", "run outputs/<name>/train.sh under supervision"),
                       ("resume", "continue from the newest valid checkpoint (or start fresh)")):
@@ -99,10 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_prepare(a, root: Path) -> int:
     paths = project_paths(root, a.name)
     check_claim(paths, a.name)  # before writing: another LoRA's dataset must not be merged into
-    done = prepare_dataset(a.images, paths.dataset_dir, trigger=a.trigger, resolution=a.resolution)
+    plan = plan_dataset(a.images, paths.dataset_dir, trigger=a.trigger, resolution=a.resolution, replace=a.replace)
+    for note in plan.notes:
+        print(f"note: {note}")
+    done = apply_plan(plan)
     claim_slug(paths, a.name)
     kept = sum(p.caption_kept for p in done)
-    print(f"prepared {len(done)} images in {paths.dataset_dir} ({kept} existing captions kept)")
+    removed = f", {len(plan.remove)} files removed" if plan.remove else ""
+    print(f"prepared {len(done)} images in {paths.dataset_dir} ({kept} existing captions kept{removed})")
     return EXIT_OK
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxgym import __version__
+from fluxgym.atomic_files import write_text_atomic
 from fluxgym.dataset_toml import dataset_config, render_dataset_toml
 from fluxgym.models import missing_files, resolve_base_model
 from fluxgym.naming import ProjectPaths, check_one_line, claim_slug, project_paths
@@ -102,15 +102,6 @@ def _sample_prompts_text(o: GenerateOptions, trigger: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _write_atomic(path: Path, text: str, *, newline: str | None = "\n", mode: int | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline=newline) as f:
-        f.write(text)
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def build_request(o: GenerateOptions) -> tuple[TrainRequest, ProjectPaths, str]:
     """Validate everything and return the request (no files written). Third item: sample prompts text."""
     preset = get_preset(o.vram)
@@ -154,15 +145,15 @@ def generate(o: GenerateOptions) -> GenerateResult:
         "dataset.toml": paths.out("dataset.toml"), "sample_prompts.txt": paths.out("sample_prompts.txt"),
     }
     prompt_header = "".join(f"# {h}\n" for h in header_lines(req, "sh")[:2])
-    _write_atomic(files["train.sh"], render_sh(req, argv), mode=0o755)
-    _write_atomic(files["train.bat"], render_bat(req, argv), newline="")
-    _write_atomic(files["dataset.toml"], render_dataset_toml(config, toml_header))
-    _write_atomic(files["sample_prompts.txt"], prompt_header + prompts)
+    write_text_atomic(files["train.sh"], render_sh(req, argv), mode=0o755)
+    write_text_atomic(files["train.bat"], render_bat(req, argv), newline="")
+    write_text_atomic(files["dataset.toml"], render_dataset_toml(config, toml_header))
+    write_text_atomic(files["sample_prompts.txt"], prompt_header + prompts)
     info = {"generator": f"fluxgym {__version__}", "slug": req.slug, "preset": req.preset.name,
             "preset_version": req.preset.version, "base_model": o.base_model,
             "model_files": {k: str(v) for k, v in req.models.files().items()},
             "fetch": req.models.fetch, "epochs": req.epochs, "checkpointing": req.checkpointing}
-    _write_atomic(paths.out(RUN_INFO), json.dumps(info, indent=2) + "\n")
+    write_text_atomic(paths.out(RUN_INFO), json.dumps(info, indent=2) + "\n")
     missing = missing_files(req.models)
     if missing:
         log.warning("model files not present yet (needed before `train`): %s", ", ".join(map(str, missing)))

@@ -1,25 +1,31 @@
-"""Dataset preparation: a folder of images -> `datasets/<slug>/` as FluxGym lays it out.
+"""Dataset preparation: a folder of images -> `datasets/<slug>/` as FluxGym lays it out, matching that folder.
 
 Each image is checked, copied and resized so its shorter side equals the resolution (PIL, LANCZOS);
 an existing `<image>.txt` caption (next to the source, or already in the dataset) is kept, otherwise
-the trigger becomes the caption. Every problem is reported before anything is written.
+the trigger becomes the caption. `plan_dataset` checks everything and writes nothing; `apply_plan` writes.
+Files in the dataset that the image folder no longer has (an earlier prepare's images and captions, a caption
+the source would overwrite) are removed only with `replace=True`; without it the plan is refused, listing them.
+Every copy and caption is written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from fluxgym.atomic_files import atomic_path, stale_temp_files, write_text_atomic
 from fluxgym.naming import check_one_line
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXT = ".txt"
+# The trainer's disk caches next to each image (sd-scripts names): derived data, removed with their image.
+_CACHE_RE = re.compile(r"^(?P<stem>.+)(_\d+x\d+_flux|_flux_te)\.npz$")
 MIN_IMAGES = 2  # FluxGym's own lower limit
 MAX_IMAGES = 150
 
@@ -33,6 +39,22 @@ class PreparedImage:
     image: Path
     caption: Path
     caption_kept: bool  # True when an existing caption was kept
+
+
+@dataclass
+class DatasetPlan:
+    """What `apply_plan` will do; built and checked by `plan_dataset` without writing anything."""
+
+    src: Path
+    dest: Path
+    trigger: str
+    resolution: int
+    images: list[Path]  # source images, in order
+    captions: dict[str, str] = field(default_factory=dict)  # image name -> caption text from the source folder
+    remove: list[Path] = field(default_factory=list)  # dataset files the source no longer has (replace=True)
+    replace_captions: list[Path] = field(default_factory=list)  # dataset captions the source's caption replaces
+    derived: list[Path] = field(default_factory=list)  # caches of removed images, leftovers of a killed prepare
+    notes: list[str] = field(default_factory=list)  # said before anything is written
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -78,16 +100,45 @@ def _save_image(src: Path, dst: Path, resolution: int) -> None:
         out = resize_shorter_side(im, resolution)
         if dst.suffix.lower() in (".jpg", ".jpeg") and out.mode not in ("RGB", "L"):
             out = out.convert("RGB")  # JPEG has no alpha
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        out.save(tmp, format=im.format or None)
-    os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            out.save(tmp, format=im.format or None)
 
 
-def prepare_dataset(src: Path, dest: Path, *, trigger: str, resolution: int = 512) -> list[PreparedImage]:
-    """Copy and resize every image of `src` into `dest`, with one caption file each."""
+def _dataset_conflicts(plan: DatasetPlan) -> tuple[list[Path], list[Path]]:
+    """Dataset files that would be lost: (not in the source any more, captions the source would overwrite)."""
+    dest = plan.dest
+    names = {p.name for p in plan.images}
+    stems = {p.stem for p in plan.images}
+    gone = [p for p in list_images(dest) if p.name not in names]
+    gone += [p for p in dest.glob("*" + CAPTION_EXT) if p.is_file() and p.stem not in stems]
+    overwritten = []
+    for name, text in plan.captions.items():
+        existing = dest / (Path(name).stem + CAPTION_EXT)
+        if existing.is_file() and existing.read_bytes() != text.encode("utf-8"):
+            overwritten.append(existing)
+    return sorted(gone), overwritten
+
+
+def _derived_files(dest: Path, stems: set[str]) -> list[Path]:
+    """Caches of images no longer in the dataset and temporary files of a killed prepare: made by us, not the user."""
+    caches = [p for p in sorted(dest.iterdir())
+              if p.is_file() and (m := _CACHE_RE.match(p.name)) and m["stem"] not in stems]
+    return caches + stale_temp_files(dest)
+
+
+def _conflict_lines(gone: list[Path], overwritten: list[Path], src: Path) -> list[str]:
+    lines = [f"  - {p.name}: not in {src}" for p in gone]
+    lines += [f"  - {p.name}: {src / p.name} holds a different caption" for p in overwritten]
+    return lines
+
+
+def plan_dataset(src: Path, dest: Path, *, trigger: str, resolution: int = 512,
+                 replace: bool = False) -> DatasetPlan:
+    """Check the image folder and the dataset against each other; raise DatasetError naming every problem."""
     check_one_line(trigger, "--trigger")
     if resolution <= 0:
         raise DatasetError(f"--resolution must be positive, got {resolution}")
+    src, dest = Path(src), Path(dest)
     images = check_image_folder(src)
     names = [p.name.lower() for p in images]
     clashes = sorted({n for n in names if names.count(n) > 1})
@@ -95,22 +146,69 @@ def prepare_dataset(src: Path, dest: Path, *, trigger: str, resolution: int = 51
     clashes += sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
         raise DatasetError(f"{src}: images would share a caption file: {', '.join(clashes)}; rename them")
-    dest.mkdir(parents=True, exist_ok=True)
-    done = []
+    plan = DatasetPlan(src, dest, trigger, resolution, images)
     for path in images:
-        target = dest / path.name
-        _save_image(path, target, resolution)
-        caption = target.with_suffix(".txt")
-        source_caption = path.with_suffix(".txt")
-        if source_caption.is_file() and source_caption.resolve() != caption.resolve():
-            shutil.copyfile(source_caption, caption)
+        source_caption = path.with_suffix(CAPTION_EXT)
+        if source_caption.is_file() and source_caption.resolve() != (dest / source_caption.name).resolve():
+            # bytes, not read_text: the caption is copied with its own line endings
+            plan.captions[path.name] = source_caption.read_bytes().decode("utf-8")
+    if not dest.is_dir():
+        return plan
+    gone, overwritten = _dataset_conflicts(plan)
+    if (gone or overwritten) and not replace:
+        raise DatasetError(
+            f"{dest} holds files that {src} does not (from an earlier prepare?):\n"
+            + "\n".join(_conflict_lines(gone, overwritten, src))
+            + "\nNothing was changed. Copy those files elsewhere (or into the image folder) to keep them, then run "
+            "prepare again with --replace to make the dataset match the image folder.")
+    plan.remove, plan.replace_captions = gone, overwritten
+    plan.derived = _derived_files(dest, {p.stem for p in images})
+    if gone or overwritten:
+        plan.notes.append(f"--replace: making {dest} match {src}:\n" + "\n".join(
+            [f"  - removing {p.name}" for p in gone] + [f"  - replacing {p.name} with {src / p.name}"
+                                                        for p in overwritten]))
+    return plan
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def apply_plan(plan: DatasetPlan) -> list[PreparedImage]:
+    """Write the resized copies and captions, then remove what the plan removes."""
+    plan.dest.mkdir(parents=True, exist_ok=True)
+    done = []
+    for path in plan.images:
+        target = plan.dest / path.name
+        _save_image(path, target, plan.resolution)
+        caption = target.with_suffix(CAPTION_EXT)
+        if path.name in plan.captions:
+            write_text_atomic(caption, plan.captions[path.name], newline="")
             kept = True
         elif caption.is_file():
             kept = True  # a caption already in the dataset wins over the trigger, as in FluxGym
         else:
-            caption.write_text(trigger, encoding="utf-8")
+            write_text_atomic(caption, plan.trigger, newline="")
             kept = False
         done.append(PreparedImage(target, caption, kept))
-    if not trigger and not all(p.caption_kept for p in done):
+    # Removal last: a kill before this point leaves extra files that the next prepare lists, never missing ones.
+    written = [p.image for p in done] + [p.caption for p in done]
+    for path in plan.remove + plan.derived:
+        # On a case-insensitive disk an old IMG1.PNG is the file just written as img1.png: keep it.
+        if path.exists() and not any(_same_file(path, w) for w in written):
+            path.unlink()
+    if not plan.trigger and not all(p.caption_kept for p in done):
         log.warning("no --trigger given: images without a caption got an empty caption file")
     return done
+
+
+def prepare_dataset(src: Path, dest: Path, *, trigger: str, resolution: int = 512,
+                    replace: bool = False) -> list[PreparedImage]:
+    """Make `dest` the resized copy of every image of `src`, with one caption file each (plan, say, write)."""
+    plan = plan_dataset(src, dest, trigger=trigger, resolution=resolution, replace=replace)
+    for note in plan.notes:
+        log.warning(note)
+    return apply_plan(plan)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -69,3 +71,59 @@ def test_prepare_refuses_a_name_that_collides(tmp_path, root, capsys):
     assert "already belongs to 'My LoRA'" in capsys.readouterr().err
     assert len(list((root / "datasets" / "my-lora").glob("*.png"))) == 2
     assert main(["prepare", "My LoRA", "--images", str(src), "--trigger", "a", "--root", str(root)]) == 0
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_rerun_with_another_folder_refuses_then_replace_matches_it(tmp_path, root, capsys):
+    first = make_images(tmp_path / "first", 3, captions={"img1": "cap one"})
+    args = ["prepare", "Cats", "--trigger", "tok", "--root", str(root), "--resolution", "64"]
+    assert main(args + ["--images", str(first)]) == 0
+    ds = root / "datasets" / "cats"
+    (ds / "img0.txt").write_text("edited in the dataset")
+    for name in ("img1_64x53_flux.npz", "img1_flux_te.npz", "img0_flux_te.npz"):  # the trainer's caches
+        (ds / name).write_bytes(b"npz")
+    (ds / ".img2.png.tmp-999999999").write_bytes(b"half")  # a killed prepare's temporary file
+    second = make_images(tmp_path / "second", 1, captions={"img0": "new caption"})
+    Image.new("RGB", (70, 64)).save(second / "b.png")
+    capsys.readouterr()
+
+    before = _snapshot(ds)
+    assert main(args + ["--images", str(second)]) == 2
+    err = capsys.readouterr().err
+    for name in ("img1.png", "img1.txt", "img2.png", "img2.txt"):
+        assert f"  - {name}: not in {second}" in err
+    assert f"  - img0.txt: {second / 'img0.txt'} holds a different caption" in err
+    assert "--replace" in err and "Nothing was changed" in err
+    assert _snapshot(ds) == before, "a refused prepare must not touch the dataset"
+
+    with open(ds / "img0.txt") as reader:  # opened before the rewrite: must keep seeing the old file whole
+        assert main(args + ["--images", str(second), "--replace"]) == 0
+        assert reader.read() == "edited in the dataset"
+    out = capsys.readouterr().out
+    assert out.index("removing img1.png") < out.index("prepared 2 images")
+    assert f"replacing img0.txt with {second / 'img0.txt'}" in out
+    assert sorted(p.name for p in ds.iterdir()) == ["b.png", "b.txt", "img0.png", "img0.txt", "img0_flux_te.npz"]
+    assert (ds / "img0.txt").read_text() == "new caption" and (ds / "b.txt").read_text() == "tok"
+    # The dataset now matches the folder: running it again needs no --replace and changes nothing.
+    again = _snapshot(ds)
+    assert main(args + ["--images", str(second)]) == 0
+    assert _snapshot(ds) == again
+
+
+def test_failed_write_leaves_the_old_copy_and_no_temp_file(tmp_path, monkeypatch):
+    src = make_images(tmp_path / "src", 2)
+    ds = tmp_path / "ds"
+    prepare_dataset(src, ds, trigger="t", resolution=64)
+    before = _snapshot(ds)
+
+    def disk_full(self, fp, *a, **kw):
+        Path(fp).write_bytes(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        prepare_dataset(src, ds, trigger="t", resolution=64)
+    assert _snapshot(ds) == before
