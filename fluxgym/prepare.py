@@ -26,6 +26,10 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXT = ".txt"
 # The trainer's disk caches next to each image (sd-scripts names): derived data, removed with their image.
 _CACHE_RE = re.compile(r"^(?P<stem>.+)(_\d+x\d+_flux|_flux_te)\.npz$")
+# Litter that operating systems and photo tools leave in folders (Windows thumbnail caches and folder settings,
+# macOS Finder data, the "Icon\r" folder icon, zip extraction folders). Any hidden file or folder counts too,
+# which covers .DS_Store and the `._name.png` AppleDouble files macOS writes on non-Mac disks.
+JUNK_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx"})
 MIN_IMAGES = 2  # FluxGym's own lower limit
 MAX_IMAGES = 150
 
@@ -57,21 +61,37 @@ class DatasetPlan:
     notes: list[str] = field(default_factory=list)  # said before anything is written
 
 
+def is_junk(name: str) -> bool:
+    """A file or folder that is never part of a dataset (see JUNK_NAMES); skipped with a note, not an error."""
+    return name.startswith(".") or name.lower() in JUNK_NAMES
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder` (sorted; hidden files ignored)."""
+    """Image files directly in `folder` (sorted; junk such as hidden files ignored)."""
     return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS)
+                  if p.is_file() and not is_junk(p.name) and p.suffix.lower() in IMAGE_EXTS)
 
 
-def check_image_folder(folder: Path) -> list[Path]:
-    """All images of a source folder, or one error naming every problem."""
+def _shown(name: str) -> str:
+    return name if name.isprintable() else repr(name)  # "Icon\r" must not move the terminal's cursor
+
+
+def scan_image_folder(folder: Path) -> tuple[list[Path], list[str]]:
+    """All images of a source folder and notes about what was skipped, or one error naming every problem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"image folder not found: {folder}")
     images = list_images(folder)
-    others = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                    and p.suffix.lower() not in IMAGE_EXTS and p.suffix.lower() != ".txt")
-    problems = [f"  - {name}: not an image (supported: {', '.join(IMAGE_EXTS)}); remove it" for name in others]
+    entries = sorted(folder.iterdir())
+    junk = [p.name for p in entries if is_junk(p.name)]
+    subfolders = [p.name for p in entries if p.is_dir() and not is_junk(p.name)]
+    stems = {p.stem for p in images}
+    unused_text = [p.name for p in entries if p.is_file() and not is_junk(p.name)
+                   and p.suffix.lower() == CAPTION_EXT and not (p.suffix == CAPTION_EXT and p.stem in stems)]
+    others = [p.name for p in entries if p.is_file() and not is_junk(p.name)
+              and p.suffix.lower() not in IMAGE_EXTS and p.suffix.lower() != CAPTION_EXT]
+    problems = [f"  - {name}: not an image ({', '.join(IMAGE_EXTS)}) or a caption (<image name>{CAPTION_EXT}); "
+                "move it out of the folder" for name in others]
     for path in images:
         try:
             with Image.open(path) as im:
@@ -84,7 +104,20 @@ def check_image_folder(folder: Path) -> list[Path]:
         raise DatasetError(f"{folder} has {len(images)} image(s); at least {MIN_IMAGES} are needed (4-30 recommended)")
     if len(images) > MAX_IMAGES:
         raise DatasetError(f"{folder} has {len(images)} images; at most {MAX_IMAGES} are supported")
-    return images
+    notes = []
+    if junk:
+        notes.append(f"skipped {len(junk)} system/hidden file(s) in {folder}: {', '.join(_shown(n) for n in junk)}")
+    if subfolders:
+        notes.append(f"subfolders are not read (only images directly in {folder}): {', '.join(subfolders)}")
+    if unused_text:
+        notes.append(f"not the caption of any image, ignored: {', '.join(unused_text)} "
+                     f"(a caption is named like its image: img1.png -> img1{CAPTION_EXT})")
+    return images, notes
+
+
+def check_image_folder(folder: Path) -> list[Path]:
+    """All images of a source folder, or one error naming every problem."""
+    return scan_image_folder(folder)[0]
 
 
 def resize_shorter_side(im: Image.Image, resolution: int) -> Image.Image:
@@ -139,14 +172,14 @@ def plan_dataset(src: Path, dest: Path, *, trigger: str, resolution: int = 512,
     if resolution <= 0:
         raise DatasetError(f"--resolution must be positive, got {resolution}")
     src, dest = Path(src), Path(dest)
-    images = check_image_folder(src)
+    images, notes = scan_image_folder(src)
     names = [p.name.lower() for p in images]
     clashes = sorted({n for n in names if names.count(n) > 1})
     stems = [p.stem for p in images]
     clashes += sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
         raise DatasetError(f"{src}: images would share a caption file: {', '.join(clashes)}; rename them")
-    plan = DatasetPlan(src, dest, trigger, resolution, images)
+    plan = DatasetPlan(src, dest, trigger, resolution, images, notes=notes)
     for path in images:
         source_caption = path.with_suffix(CAPTION_EXT)
         if source_caption.is_file() and source_caption.resolve() != (dest / source_caption.name).resolve():

@@ -127,3 +127,28 @@ def test_failed_write_leaves_the_old_copy_and_no_temp_file(tmp_path, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         prepare_dataset(src, ds, trigger="t", resolution=64)
     assert _snapshot(ds) == before
+
+
+def test_system_files_are_skipped_with_a_note_and_other_files_named(tmp_path, root, capsys):
+    src = make_images(tmp_path / "src", 2, captions={"img0": "cap"})
+    junk = ["Thumbs.db", "desktop.ini", ".DS_Store", "._img0.png", ".hidden.png", "Icon\r"]
+    for name in junk:
+        (src / name).write_bytes(b"\0\1junk")
+    (src / "__MACOSX").mkdir()
+    (src / "originals").mkdir()
+    (src / "readme.txt").write_text("not a caption")
+    assert main(["prepare", "j", "--images", str(src), "--trigger", "t", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "note: skipped 7 system/hidden file(s)" in out
+    assert all(name in out for name in ("Thumbs.db", "desktop.ini", ".DS_Store", "._img0.png", "'Icon\\r'"))
+    assert "subfolders are not read" in out and "originals" in out
+    assert "not the caption of any image, ignored: readme.txt" in out
+    ds = root / "datasets" / "j"
+    assert sorted(p.name for p in ds.iterdir()) == ["img0.png", "img0.txt", "img1.png", "img1.txt"]
+
+    (src / "notes.pdf").write_bytes(b"%PDF")
+    (src / "clip.mp4").write_bytes(b"\0")
+    assert main(["prepare", "j", "--images", str(src), "--trigger", "t", "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "  - clip.mp4: not an image" in err and "  - notes.pdf: not an image" in err and "move it out" in err
+    assert "Thumbs.db" not in err
