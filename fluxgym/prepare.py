@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXT = ".txt"
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark
 # The trainer's disk caches next to each image (sd-scripts names): derived data, removed with their image.
 _CACHE_RE = re.compile(r"^(?P<stem>.+)(_\d+x\d+_flux|_flux_te)\.npz$")
 # Litter that operating systems and photo tools leave in folders (Windows thumbnail caches and folder settings,
@@ -120,6 +121,39 @@ def check_image_folder(folder: Path) -> list[Path]:
     return scan_image_folder(folder)[0]
 
 
+def read_caption(path: Path) -> str:
+    """A caption file's text: UTF-8, with a leading byte-order mark (Windows Notepad writes one) dropped.
+
+    Raises DatasetError naming the file and how to fix it; bytes, not read_text, so line endings stay as written.
+    """
+    data = path.read_bytes()
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        utf16 = ", it looks like UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DatasetError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}{utf16}); "
+                           "open it in a text editor and save it with the encoding UTF-8") from exc
+
+
+def _read_captions(plan: DatasetPlan) -> None:
+    """Every caption the dataset will use, decoded now, so a bad one stops prepare before anything is copied."""
+    problems = []
+    for path in plan.images:
+        source_caption = path.with_suffix(CAPTION_EXT)
+        in_dataset = plan.dest / source_caption.name
+        try:
+            if source_caption.is_file() and source_caption.resolve() != in_dataset.resolve():
+                plan.captions[path.name] = read_caption(source_caption)
+            elif in_dataset.is_file():
+                read_caption(in_dataset)  # kept as it is; the trainer reads it as UTF-8 too
+        except DatasetError as exc:
+            problems.append(f"  - {exc}")
+    if problems:
+        raise DatasetError("captions must be UTF-8 text:\n" + "\n".join(problems))
+
+
 def resize_shorter_side(im: Image.Image, resolution: int) -> Image.Image:
     w, h = im.size
     scale = resolution / min(w, h)
@@ -147,7 +181,7 @@ def _dataset_conflicts(plan: DatasetPlan) -> tuple[list[Path], list[Path]]:
     overwritten = []
     for name, text in plan.captions.items():
         existing = dest / (Path(name).stem + CAPTION_EXT)
-        if existing.is_file() and existing.read_bytes() != text.encode("utf-8"):
+        if existing.is_file() and existing.read_bytes().removeprefix(_BOM) != text.encode("utf-8"):
             overwritten.append(existing)
     return sorted(gone), overwritten
 
@@ -180,11 +214,7 @@ def plan_dataset(src: Path, dest: Path, *, trigger: str, resolution: int = 512,
     if clashes:
         raise DatasetError(f"{src}: images would share a caption file: {', '.join(clashes)}; rename them")
     plan = DatasetPlan(src, dest, trigger, resolution, images, notes=notes)
-    for path in images:
-        source_caption = path.with_suffix(CAPTION_EXT)
-        if source_caption.is_file() and source_caption.resolve() != (dest / source_caption.name).resolve():
-            # bytes, not read_text: the caption is copied with its own line endings
-            plan.captions[path.name] = source_caption.read_bytes().decode("utf-8")
+    _read_captions(plan)
     if not dest.is_dir():
         return plan
     gone, overwritten = _dataset_conflicts(plan)

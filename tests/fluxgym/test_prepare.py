@@ -152,3 +152,27 @@ def test_system_files_are_skipped_with_a_note_and_other_files_named(tmp_path, ro
     err = capsys.readouterr().err
     assert "  - clip.mp4: not an image" in err and "  - notes.pdf: not an image" in err and "move it out" in err
     assert "Thumbs.db" not in err
+
+
+def test_captions_must_be_utf8_and_a_bom_is_stripped(tmp_path, root, capsys):
+    src = make_images(tmp_path / "src", 3)
+    (src / "img0.txt").write_bytes(b"\xef\xbb\xbfohwx caf\xc3\xa9\r\nsecond line")  # Notepad's "UTF-8 with BOM"
+    (src / "img1.txt").write_bytes(b"ohwx caf\xe9")  # Latin-1
+    (src / "img2.txt").write_bytes("ohwx".encode("utf-16"))  # Notepad's "Unicode"
+    args = ["prepare", "u", "--images", str(src), "--trigger", "t", "--root", str(root)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{src / 'img1.txt'}: not UTF-8 text (byte 0xe9 at offset 8)" in err
+    assert f"{src / 'img2.txt'}: not UTF-8 text" in err and "it looks like UTF-16" in err
+    assert "save it with the encoding UTF-8" in err and "img0.txt" not in err
+    assert not (root / "datasets").exists(), "nothing may be copied when a caption is bad"
+
+    (src / "img1.txt").write_text("ohwx café", encoding="utf-8")
+    (src / "img2.txt").unlink()
+    assert main(args) == 0
+    ds = root / "datasets" / "u"
+    assert (ds / "img0.txt").read_bytes() == "ohwx café\r\nsecond line".encode()  # BOM gone, the rest exact
+    assert main(args) == 0, "the same folder again is not a conflict"
+    (ds / "img2.txt").write_bytes(b"\xff\xfe")  # a caption kept from the dataset is checked too
+    assert main(args) == 2
+    assert f"{ds / 'img2.txt'}: not UTF-8 text" in capsys.readouterr().err
