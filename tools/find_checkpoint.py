@@ -13,11 +13,13 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
 
-_SD = Path(__file__).resolve().parents[1] / "sd-scripts"
+_REPO = Path(__file__).resolve().parents[1]
+_SD = _REPO / "sd-scripts"
 if str(_SD) not in sys.path:
     sys.path.insert(0, str(_SD))
 
@@ -63,13 +65,38 @@ def _fmt_size(n: int) -> str:
     return str(n)
 
 
+def _fluxgym_resume(output_dir: Path) -> str | None:
+    """`python -m fluxgym resume SLUG` when `generate` made this folder (run.json, outputs/<slug>/), else None."""
+    try:
+        info = json.loads((output_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    slug = info.get("slug") if isinstance(info, dict) else None
+    folder = output_dir.resolve()
+    if not isinstance(slug, str) or folder.name != slug or folder.parent.name != "outputs":
+        return None  # moved or renamed since `generate`: fluxgym would look elsewhere
+    cmd = f"python -m fluxgym resume {shlex.quote(slug)}"
+    root = folder.parent.parent
+    if root != _REPO or os.environ.get("FLUXGYM_ROOT"):  # fluxgym's default root is this checkout
+        cmd += f" --root {shlex.quote(str(root))}"
+    return cmd
+
+
 def resume_commands(output_dir: Path, info: CheckpointInfo) -> list[str]:
+    """Commands that resume this folder's run from `info`: its train.sh, and fluxgym's own where it fits."""
     cmds = []
     train_sh = output_dir / "train.sh"
     if train_sh.is_file():
         cmds.append(f"bash {shlex.quote(str(train_sh))} --resume {shlex.quote(str(info.path))}")
-    cmds.append(f"python -m fluxgym resume {shlex.quote(info.output_name)}")
+    fluxgym = _fluxgym_resume(output_dir)
+    if fluxgym is not None:
+        cmds.append(fluxgym)
     return cmds
+
+
+def resume_hint(info: CheckpointInfo) -> str:
+    """For a folder with neither: the flag to add to whatever command trained it."""
+    return f"add `--resume {shlex.quote(str(info.path))}` to your training command (the one that wrote this folder)"
 
 
 def _row(info: CheckpointInfo) -> str:
@@ -109,6 +136,7 @@ def _run_find(args, output_dir: Path) -> int:
             entry = newest.to_json()
             if kind == "state":
                 entry["resume_commands"] = resume_commands(output_dir, newest)
+                entry["resume_args"] = ["--resume", str(newest.path)]
         result["newest"][kind] = entry
         result["candidates"][kind] = [c.to_json() for c in cands]
         if not args.json:
@@ -136,9 +164,10 @@ def _print_kind(kind, cands, newest, output_dir: Path, list_all: bool) -> None:
             print(f"skipped {c.path.name}: {c.reason}")
     print(f"newest valid {what}: {newest.path} (step {newest.step}, epoch {newest.epoch})")
     if kind == "state":
-        print("resume with:")
-        for cmd in resume_commands(output_dir, newest):
-            print(f"  {cmd}")
+        cmds = resume_commands(output_dir, newest)
+        print("resume with:" if cmds else "to resume:")
+        for line in cmds or [resume_hint(newest)]:
+            print(f"  {line}")
 
 
 def _in_use(path: Path) -> bool:

@@ -100,8 +100,47 @@ def test_cli_default_prints_newest_and_resume_commands(tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"newest valid state folder: {out / expected}" in text
     assert f"bash {out / 'train.sh'} --resume {out / expected}" in text
-    assert "python -m fluxgym resume demo" in text
+    assert "python -m fluxgym" not in text, "a train.sh alone does not make a fluxgym folder"
     assert "skipped demo-step00000200-state: optimizer.bin content does not match" in text
+
+
+def test_resume_command_fits_the_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FLUXGYM_ROOT", raising=False)
+    from fluxgym.demo import build_demo
+    from fluxgym.naming import resolve_existing
+
+    # A plain sd-scripts output folder: neither train.sh nor fluxgym's run.json.
+    plain = tmp_path / "plain"
+    state = ckpt_zoo.write_state(plain, "demo", step=20)
+    assert fc.main([str(plain)]) == 0
+    text = capsys.readouterr().out
+    assert f"to resume:\n  add `--resume {state}` to your training command" in text
+    assert "fluxgym" not in text and "bash" not in text
+    assert fc.main([str(plain), "--json"]) == 0
+    newest = json.loads(capsys.readouterr().out)["newest"]["state"]
+    assert newest["resume_commands"] == [] and newest["resume_args"] == ["--resume", str(state)]
+
+    # A folder `generate` made (the real thing, via the demo set-up without models): both commands, and the
+    # fluxgym one resolves to this very folder.
+    root = tmp_path / "proj"
+    build_demo(root, models=False)
+    out = root / "outputs" / "demo"
+    assert (out / "run.json").is_file()
+    state = ckpt_zoo.write_state(out, "demo", step=30)
+    assert fc.main([str(out)]) == 0
+    cmds = [ln.strip() for ln in capsys.readouterr().out.split("resume with:\n")[1].splitlines()]
+    assert cmds == [f"bash {out / 'train.sh'} --resume {state}", f"python -m fluxgym resume demo --root {root}"]
+    assert resolve_existing(root, "demo").output_dir == out
+    monkeypatch.setattr(fc, "_REPO", root)  # a project inside the checkout needs no --root...
+    assert fc.resume_commands(out, cv.newest_valid_state(out, log=False))[1] == "python -m fluxgym resume demo"
+    monkeypatch.setenv("FLUXGYM_ROOT", str(tmp_path))  # ...unless FLUXGYM_ROOT points elsewhere
+    assert fc.resume_commands(out, cv.newest_valid_state(out, log=False))[1].endswith(f"--root {root}")
+
+    # The same folder moved elsewhere: fluxgym would not find it, so only its train.sh is offered.
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    assert fc.main([str(moved)]) == 0
+    assert "python -m fluxgym" not in capsys.readouterr().out
 
 
 def test_cli_exit_codes(tmp_path, capsys):
