@@ -20,8 +20,9 @@ from pathlib import Path
 
 _REPO = Path(__file__).resolve().parents[1]
 _SD = _REPO / "sd-scripts"
-if str(_SD) not in sys.path:
-    sys.path.insert(0, str(_SD))
+for _p in (str(_SD), str(_REPO)):  # library.* (the trainer's validation) and fluxgym.closed_pipe
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 from library import atomic_io  # noqa: E402
 from library.checkpoint_validation import (  # noqa: E402
@@ -30,6 +31,8 @@ from library.checkpoint_validation import (  # noqa: E402
     validate_lora_file,
     validate_state_dir,
 )
+
+from fluxgym.closed_pipe import quiet_closed_pipe  # noqa: E402
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NONE = 0, 1, 2, 3
 
@@ -205,6 +208,11 @@ def _run_prune(args, output_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with quiet_closed_pipe():  # `find_checkpoint.py DIR --list | head -1`: no traceback, the usual exit code
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
+from fg_helpers import setup_lora
 from fluxgym.cli import main
 from fluxgym.generate import REPO_ROOT
 from fluxgym.models import ModelError, resolve_base_model
@@ -20,6 +22,23 @@ def test_cli_modules_do_not_import_heavy_libraries():
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("cmd, code", [
+    (["-m", "fluxgym", "status", "My LoRA", "--root", "{root}"], 0),
+    ([str(REPO_ROOT / "tools" / "find_checkpoint.py"), "{root}", "--list"], 3),  # 3: nothing found, as usual
+])
+def test_closed_stdout_pipe_is_quiet(root, cmd, code):
+    """`... | head -1`: the reader is gone before we write; no BrokenPipeError traceback, the usual exit code."""
+    setup_lora(root, models=False)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable] + [c.format(root=root) for c in cmd], cwd=REPO_ROOT, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == code and "BrokenPipe" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_models_list_and_resolution(root, capsys):
