@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trigger", default="", help="caption for images that have none")
     p.add_argument("--resolution", type=int, default=512, help="shorter side after resizing (default 512)")
     p.add_argument("--replace", action="store_true",
-                   help="make datasets/<name>/ match --images: remove the images and captions the folder no longer "
-                        "has and overwrite captions it changed, listing them (without it, prepare stops and lists them)")
+                   help="make datasets/<name>/ match --images: remove the images and captions the folder no "
+                        "longer has and overwrite captions it changed, listing them (without it, prepare stops "
+                        "and lists them)")
     _add_generate(sub)
     for cmd, text in (("train", "run outputs/<name>/train.sh under supervision"),
                       ("resume", "continue from the newest valid checkpoint (or start fresh)")):
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_prepare(a, root: Path) -> int:
     paths = project_paths(root, a.name)
     check_claim(paths, a.name)  # before writing: another LoRA's dataset must not be merged into
-    plan = plan_dataset(a.images, paths.dataset_dir, trigger=a.trigger, resolution=a.resolution, replace=a.replace)
+    plan = plan_dataset(a.images, paths.dataset_dir, trigger=a.trigger, resolution=a.resolution,
+                        replace=a.replace)
     for note in plan.notes:
         print(f"note: {note}")
     done = apply_plan(plan)

@@ -116,11 +116,6 @@ def scan_image_folder(folder: Path) -> tuple[list[Path], list[str]]:
     return images, notes
 
 
-def check_image_folder(folder: Path) -> list[Path]:
-    """All images of a source folder, or one error naming every problem."""
-    return scan_image_folder(folder)[0]
-
-
 def read_caption(path: Path) -> str:
     """A caption file's text: UTF-8, with a leading byte-order mark (Windows Notepad writes one) dropped.
 
@@ -177,7 +172,7 @@ def _dataset_conflicts(plan: DatasetPlan) -> tuple[list[Path], list[Path]]:
     names = {p.name for p in plan.images}
     stems = {p.stem for p in plan.images}
     gone = [p for p in list_images(dest) if p.name not in names]
-    gone += [p for p in dest.glob("*" + CAPTION_EXT) if p.is_file() and p.stem not in stems]
+    gone += [p for p in dest.glob("*" + CAPTION_EXT) if p.is_file() and not is_junk(p.name) and p.stem not in stems]
     overwritten = []
     for name, text in plan.captions.items():
         existing = dest / (Path(name).stem + CAPTION_EXT)
@@ -222,8 +217,9 @@ def plan_dataset(src: Path, dest: Path, *, trigger: str, resolution: int = 512,
         raise DatasetError(
             f"{dest} holds files that {src} does not (from an earlier prepare?):\n"
             + "\n".join(_conflict_lines(gone, overwritten, src))
-            + "\nNothing was changed. Copy those files elsewhere (or into the image folder) to keep them, then run "
-            "prepare again with --replace to make the dataset match the image folder.")
+            + "\nNothing was changed. To keep them, copy them into the image folder (or elsewhere); to make the "
+            "dataset match the image folder, run prepare again with --replace (removes or overwrites the files "
+            "listed).")
     plan.remove, plan.replace_captions = gone, overwritten
     plan.derived = _derived_files(dest, {p.stem for p in images})
     if gone or overwritten:
@@ -273,5 +269,5 @@ def prepare_dataset(src: Path, dest: Path, *, trigger: str, resolution: int = 51
     """Make `dest` the resized copy of every image of `src`, with one caption file each (plan, say, write)."""
     plan = plan_dataset(src, dest, trigger=trigger, resolution=resolution, replace=replace)
     for note in plan.notes:
-        log.warning(note)
+        log.info(note)
     return apply_plan(plan)
