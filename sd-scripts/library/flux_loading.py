@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from library import flux_convert as fc
+from library.flux_time_inputs import keep_time_inputs_float32
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,8 @@ def load_flow_model(path, *, dtype, device="cpu", fp8: bool = False, disable_mma
         raise _wrong_kind(flag, "FLUX transformer", path, e) from e
     model.to(device)
     model.eval().requires_grad_(False)
-    return model
+    # Training and sampling both go through here: t*1000 and guidance*1000 in float32, as upstream.
+    return keep_time_inputs_float32(model)
 
 
 # ---------------------------------------------------------------- autoencoder

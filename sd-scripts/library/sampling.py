@@ -266,7 +266,7 @@ def _generate_image(transformer, ae, encode_prompt, prompt: SamplePrompt, device
             img = torch.ones(1, x.shape[1], dtype=torch.bool, device=device)
             mask = {"attention_mask": torch.cat([c["t5_attn_mask"].bool().reshape(1, -1), img], 1)[:, None, None]}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = transformer(hidden_states=x.to(dtype), timestep=(t / 1000).expand(1).to(dtype), guidance=guidance,
+            out = transformer(hidden_states=x.to(dtype), timestep=(t / 1000).expand(1).float(), guidance=guidance,
                               pooled_projections=c["l_pooled"], encoder_hidden_states=c["t5_out"],
                               txt_ids=c["txt_ids"], img_ids=img_ids, joint_attention_kwargs=mask,
                               return_dict=False)[0]

@@ -128,7 +128,7 @@ def training_step(trainer, batch: dict) -> float:
     with trainer.accelerator.autocast():
         pred = trainer.transformer(
             hidden_states=packed, encoder_hidden_states=cond["t5_out"], pooled_projections=cond["l_pooled"],
-            timestep=(noised.timesteps / 1000).to(device, dtype), img_ids=img_ids, txt_ids=cond["txt_ids"][0],
+            timestep=(noised.timesteps / 1000).to(device, torch.float32), img_ids=img_ids, txt_ids=cond["txt_ids"][0],
             guidance=guidance, joint_attention_kwargs=attention_mask(trainer, cond["t5_attn_mask"], packed.shape[1]),
             return_dict=False)[0]
     pred = unpack_latents(pred.float(), h, w)
