@@ -13,11 +13,6 @@ ENV_VAR = "FLUXTRAIN_INJECT_HANG"
 SITES = ("dataloader", "block_swap", "cache_io", "sample", "save", "step")
 
 
-def injected_site() -> str | None:
-    site = os.environ.get(ENV_VAR, "").strip()
-    return site or None
-
-
 def _matches(site: str) -> bool:
     """`site` stalls every process; `site@N` only the process whose RANK is N (multi-process tests)."""
     wanted = os.environ.get(ENV_VAR)
