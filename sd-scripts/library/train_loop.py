@@ -19,7 +19,7 @@ from tqdm import tqdm
 from library.dataset import collate
 from library.fault_injection import inject_point
 from library.flow_matching import apply_prediction_type, flow_loss, sample_noised
-from library.hang_guards import HINTS
+from library.npz_io import CacheReadTimeout
 
 log = logging.getLogger(__name__)
 STEP_SEED_STRIDE = 1_000_003  # keeps per-step generator seeds of different runs apart
@@ -63,7 +63,9 @@ def training_batches(trainer) -> Iterator[dict]:
     # backstop. Without workers it is the only bound, so it uses the flag's value itself.
     # FIX: with 0 workers a stuck __getitem__ had no bound at all; this deadline is it.
     backstop = (bound + 10 if workers else bound) if bound else None
-    return trainer.guards.guard_iterator(loader, site="dataloader", seconds=backstop)
+    # A cache read that timed out in a worker comes back as CacheReadTimeout (torch rebuilds the type).
+    return trainer.guards.guard_iterator(loader, site="dataloader", seconds=backstop,
+                                         map_errors=((CacheReadTimeout, "cache_io"),))
 
 
 def make_loader(trainer, workers: int) -> torch.utils.data.DataLoader:
@@ -153,7 +155,7 @@ def sync_gradients(trainer) -> None:
     minutes = trainer.s.guards.ddp_timeout_minutes
     # FIX: a rank that never arrives used to hold the others in this collective for the backend's default
     # (10-30 min); --ddp_timeout bounds it on every backend, not only where the process-group timeout works.
-    with trainer.guards.deadline("ddp", minutes * 60 if minutes else None, hint=HINTS["ddp"],
+    with trainer.guards.deadline("ddp", minutes * 60 if minutes else None,
                                  detail="gradient all-reduce: waiting for the other processes"):
         for param in trainer.trainable_params:
             if param.grad is None:
@@ -199,7 +201,7 @@ def generate_samples(trainer, epoch: int | None = None) -> None:
 
     def guard(index: int):
         # FIX: sampling runs inline and had no bound (minutes per image on small GPUs, forever when stuck).
-        return trainer.guards.deadline("sample", trainer.s.guards.sample_timeout, hint=HINTS["sample"])
+        return trainer.guards.deadline("sample", trainer.s.guards.sample_timeout)
 
     with torch.no_grad():
         sampling.generate_samples(
