@@ -3,8 +3,9 @@
 Responsibilities:
 - `deadline(site, seconds)`: a bound around one blocking operation, enforced by ONE shared daemon
   watchdog thread and a deadline table (entering/leaving costs about a microsecond);
-- `fire()`: print `HANG GUARD [site]: ...` with the site's hint from `library.hang_sites`, dump all thread stacks to `OUTPUT_DIR/hang-<ts>.txt`,
-  mark the heartbeat failed and `os._exit(124)` (a stuck non-daemon thread cannot keep us alive);
+- `fire()`: print `HANG GUARD [site]: ...` with the site's hint (library.hang_sites), dump all
+  thread stacks to `OUTPUT_DIR/hang-<ts>.txt`, mark the heartbeat failed and `os._exit(124)` (a
+  stuck non-daemon thread cannot keep us alive);
 - stall diagnosis: `progress()` re-arms faulthandler's C-level timer (dump only, never kills);
 - SIGUSR1 (where it exists): dump all stacks to `OUTPUT_DIR/stacks-<ts>.txt` on demand.
 """
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NoReturn
 
+from library import console_markers
 from library.hang_sites import hint_for
 
 logger = logging.getLogger(__name__)
@@ -206,8 +208,8 @@ class HangGuards:
         with contextlib.suppress(Exception):
             faulthandler.cancel_dump_traceback_later()
         pos = self.position()
-        line = (f"HANG GUARD [{site}]: {detail} (phase {pos.get('phase', '?')}, epoch {pos.get('epoch', '?')}, "
-                f"step {pos.get('step', '?')}). Try: {hint or hint_for(site)}")
+        line = (f"{console_markers.HANG_GUARD.format(site=site, detail=detail)} (phase {pos.get('phase', '?')}, "
+                f"epoch {pos.get('epoch', '?')}, step {pos.get('step', '?')}). Try: {hint or hint_for(site)}")
         dump = self._write_hang_file(line)
         where = f"All thread stacks: {dump}." if dump else "The stack dump could not be written."
         with contextlib.suppress(Exception):
@@ -310,8 +312,8 @@ class HangGuards:
             logger.warning("could not publish stack dump: %s", e)
             return f
         if stall:
-            sys.stderr.write(f"\nSTALL: no progress for {self.stall_dump_timeout:g} s; all thread stacks written "
-                             f"to {path} (diagnosis only, the run goes on).\n")
+            sys.stderr.write(f"\n{console_markers.STALL_DUMP.format(seconds=self.stall_dump_timeout)}; all thread "
+                             f"stacks written to {path} (diagnosis only, the run goes on).\n")
         new = self._open_pending(kind)
         if not stall:
             self._register_sigusr1(new)

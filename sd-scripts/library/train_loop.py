@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+from library import console_markers
 from library.dataset import collate
 from library.fault_injection import inject_point
 from library.flow_matching import apply_prediction_type, flow_loss, sample_noised
@@ -196,7 +197,7 @@ def generate_samples(trainer, epoch: int | None = None) -> None:
 
     previous = trainer.phase
     trainer.set_phase("sampling", f"sample images at step {trainer.pos.step}")
-    print(f"generating sample images at step: {trainer.pos.step}")
+    print(console_markers.GENERATING_SAMPLES.format(step=trainer.pos.step))
     trainer.ae.to(trainer.device)
 
     def guard(index: int):
@@ -227,15 +228,16 @@ def run_training_loop(trainer) -> None:
     maybe_sample(trainer, at_epoch_end=False, first=pos.step == 0)
     trainer.transformer.train()
     batches = training_batches(trainer)
-    bar = tqdm(total=trainer.max_train_steps, initial=pos.step, desc="steps", smoothing=0, file=sys.stderr,
-               disable=not trainer.accelerator.is_main_process)
+    bar = tqdm(total=trainer.max_train_steps, initial=pos.step, desc=console_markers.STEPS_BAR_DESC, smoothing=0,
+               file=sys.stderr, disable=not trainer.accelerator.is_main_process)
     recent_losses: deque[float] = deque(maxlen=100)  # tqdm's avr_loss: mean of the last 100 steps
     current_epoch = None
     while pos.step < trainer.max_train_steps:
         if current_epoch != pos.epoch:
             current_epoch = pos.epoch
             if trainer.is_main:
-                print(f"\nepoch {pos.epoch + 1}/{trainer.num_epochs}", flush=True)
+                line = console_markers.EPOCH_LINE.format(epoch=pos.epoch + 1, total=trainer.num_epochs)
+                print(f"\n{line}", flush=True)
         batch = next(batches, None)
         if batch is None:
             break

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from library import checkpoint_io, checkpoint_validation, metadata
+from library import checkpoint_io, checkpoint_validation, console_markers, metadata
 from library.heartbeat import Heartbeat
 from library.npz_io import CacheReadTimeout
 from library.hang_guards import HangGuards
@@ -420,7 +420,7 @@ class FluxLoRATrainer:
                 self.write_state(out / state_name, kind)
             meta = metadata.metadata_for_save(self.base_metadata, step=self.pos.step, epoch=self.completed_epochs(),
                                               model_hash=self.model_hasher.value, minimal=self.s.save.no_metadata)
-            print(f"saving checkpoint: {out / file_name}")
+            print(console_markers.SAVING_CHECKPOINT.format(path=out / file_name))
             checkpoint_io.save_lora_file(out / file_name, self.lora_tensors(), meta)
             self.rotate()
         self.set_phase(previous_phase if previous_phase != "saving" else "training")
@@ -435,7 +435,8 @@ class FluxLoRATrainer:
         return self.pos.epoch + 1
 
     def write_state(self, final_dir: Path, kind: str) -> None:
-        print(f"saving state at {'step ' + str(self.pos.step) if kind == 'step' else 'epoch ' + str(self.pos.epoch)}")
+        what = f"step {self.pos.step}" if kind == "step" else f"epoch {self.pos.epoch}"
+        print(console_markers.SAVING_STATE.format(what=what))
         checkpoint_io.save_state_folder(
             final_dir, accelerator=self.accelerator, output_name=self.s.save.output_name, step=self.pos.step,
             epoch=self.completed_epochs(),
@@ -453,11 +454,11 @@ class FluxLoRATrainer:
     def save_final(self) -> None:
         with_state = self.s.save.save_state or self.s.save.save_state_on_train_end
         if with_state and self.is_main:
-            print("saving last state.")
+            print(console_markers.SAVING_LAST_STATE)
         self.save_checkpoint(kind="last", with_state=with_state)
         if self.block_swapper is not None:
             self.block_swapper.close()
         self.accelerator.end_training()
         if self.is_main:
-            print("model saved.")
+            print(console_markers.MODEL_SAVED)
         sys.stdout.flush()

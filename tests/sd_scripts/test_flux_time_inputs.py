@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from library import flux_loading
-from train_helpers import make_dataset, trainer_args
+from train_helpers import make_dataset, run_trainer_in_process, trainer_args
 
 
 def _record_time_proj(model) -> list[torch.Tensor]:
@@ -66,9 +66,6 @@ def test_float32_model_is_unchanged(tiny_models):
 def test_training_and_sampling_under_bf16_reach_the_embedding_in_float32(tiny_models, tmp_path, monkeypatch):
     """The real trainer (in process) with --mixed_precision bf16: every guidance value is 3500.0 and every
     timestep is a float32 value that bf16 cannot hold, in the sample images and in the training step."""
-    import flux_train_network
-    from accelerate.state import AcceleratorState
-
     loaded: list = []
     original = flux_loading.load_flow_model
 
@@ -88,10 +85,7 @@ def test_training_and_sampling_under_bf16_reach_the_embedding_in_float32(tiny_mo
                         "--sample_prompts", str(prompts), "--sample_at_first")
     args[args.index("--mixed_precision") + 1] = "bf16"
     args[args.index("--guidance_scale") + 1] = "3.5"
-    try:
-        assert flux_train_network.main(args) == 0
-    finally:
-        AcceleratorState._reset_state(True)  # the next in-process Accelerator may use another precision
+    assert run_trainer_in_process(args) == 0
     (seen,) = loaded
     timesteps, guidance = seen[0::2], seen[1::2]
     assert len(timesteps) == 2 + 1  # two sampling steps, then one training step
