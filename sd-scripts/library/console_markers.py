@@ -24,6 +24,11 @@ GENERATING_SAMPLES = "generating sample images at step: {step}"
 MODEL_SAVED = "model saved."                   # the run wrote its final LoRA
 HANG_GUARD = "HANG GUARD [{site}]: {detail}"  # a hang guard fired; the process exits 124
 STALL_DUMP = "STALL: no progress for {seconds:g} s"
+# Only with FLUXTRAIN_RUN_STATS=1 (library/run_stats.py); read by tools/gpu_check.py through RUN_STATS_RE.
+RUN_STATS = "run stats: {steps} steps, {step_seconds:.4f} s/step after the first, peak cuda memory {peak_bytes} bytes"
+RUN_STATS_RE = re.compile(r"run stats: (?P<steps>\d+) steps, (?P<step_seconds>[\d.]+) s/step after the first, "
+                          r"peak cuda memory (?P<peak_bytes>\d+) bytes")
+HANG_GUARD_RE = re.compile(r"HANG GUARD \[(?P<site>\w+)\]")  # tools/gpu_check.py: which guard fired
 
 # What the supervisor's parser matches. `_BAR` reads a tqdm counter with an optional description;
 # tqdm ends a redraw with no line end, so OPEN_BAR reads the last one before its terminator arrives.

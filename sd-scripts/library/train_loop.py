@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from library import console_markers
+from library import console_markers, run_stats
 from library.dataset import collate
 from library.fault_injection import inject_point
 from library.flow_matching import apply_prediction_type, flow_loss, sample_noised
@@ -231,6 +231,7 @@ def run_training_loop(trainer) -> None:
     bar = tqdm(total=trainer.max_train_steps, initial=pos.step, desc=console_markers.STEPS_BAR_DESC, smoothing=0,
                file=sys.stderr, disable=not trainer.accelerator.is_main_process)
     recent_losses: deque[float] = deque(maxlen=100)  # tqdm's avr_loss: mean of the last 100 steps
+    clock = run_stats.StepClock.from_env()  # tools/gpu_check.py only; None otherwise
     current_epoch = None
     while pos.step < trainer.max_train_steps:
         if current_epoch != pos.epoch:
@@ -250,11 +251,15 @@ def run_training_loop(trainer) -> None:
         trainer.record_loss(loss)
         trainer.heartbeat.step(pos.step, pos.epoch + 1)
         trainer.guards.progress()
+        if clock is not None:
+            clock.step_done()
         after_step(trainer)
         if pos.batch_in_epoch >= trainer.batches_per_epoch:
             end_epoch(trainer)
         simulate_crash_if_requested(pos.step)
     bar.close()
+    if clock is not None and trainer.is_main:
+        print(clock.report(trainer.device), flush=True)
 
 
 def simulate_crash_if_requested(step: int) -> None:

@@ -19,11 +19,12 @@ def _groups(text: str) -> dict[str, list[str]]:
     return found
 
 
-def test_a_training_run_prints_every_marker_the_parser_reads(tiny_models, tmp_path, capfd):
+def test_a_training_run_prints_every_marker_the_parser_reads(tiny_models, tmp_path, capfd, monkeypatch):
     _, toml = make_dataset(tmp_path / "data", count=1)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("tok --w 32 --h 32 --s 1 --d 1\n", encoding="utf-8")
     out = tmp_path / "out"
+    monkeypatch.setenv("FLUXTRAIN_RUN_STATS", "1")  # the opt-in line tools/gpu_check.py reads
     # One step: the first sample, caching, one epoch line, then the final save with its state folder.
     args = trainer_args(tiny_models, toml, out, "--max_train_steps", "1", "--save_state",
                         "--sample_prompts", str(prompts), "--sample_at_first")
@@ -42,6 +43,8 @@ def test_a_training_run_prints_every_marker_the_parser_reads(tiny_models, tmp_pa
     assert saved == [str(p) for p in out.glob("*.safetensors")] == [str(out / "tiny.safetensors")]
     assert cm.SAVING_STATE.format(what="epoch 1") in captured.out and (out / "tiny-state").is_dir()
     assert cm.GENERATING_SAMPLES.format(step=0) in captured.out
+    stats = cm.RUN_STATS_RE.search(captured.out)
+    assert stats and stats.group("steps") == "1" and stats.group("peak_bytes") == "0"  # CPU: no CUDA peak
     bars = [m for m in cm.OPEN_BAR.finditer(captured.err) if m.group("desc") == cm.STEPS_BAR_DESC]
     assert bars and bars[-1].group("n") == bars[-1].group("m") == "1"
 
