@@ -75,3 +75,16 @@ def run_trainer_in_process(args: list[str]) -> int:
         return flux_train_network.main(args)
     finally:
         AcceleratorState._reset_state(True)
+
+
+def marker_groups(text: str) -> dict[str, list[str]]:
+    """What the supervisor's parser (library.console_markers.MARKERS) finds in console output, by group."""
+    from library.console_markers import MARKERS
+
+    found: dict[str, list[str]] = {}
+    for m in MARKERS.finditer(text):
+        for name, value in m.groupdict().items():
+            if value is not None and name in ("desc", "ep", "saving", "caching_latents", "caching_text",
+                                              "sampling", "done", "failed"):
+                found.setdefault(name, []).append(value)
+    return found
