@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from library import console_markers
 from library.dataset import TE_KEYS, ImageItem, TrainDataset, load_image_tensor, resize_plan
 from library.npz_io import CacheReadTimeout, atomic_savez, bounded_npz_load, remove_stale_temps
 
@@ -198,12 +199,12 @@ def cache_latents(dataset: TrainDataset, encode_fn: Callable[[torch.Tensor], tor
                   batch_size: int = 1, io_timeout: float | None = None, progress: bool = True,
                   fingerprint: str = "") -> LatentCache:
     """Encode every (image, bucket) once; `fingerprint` may identify the AE weights (see file_identity)."""
-    print("caching latents...", flush=True)
+    print(console_markers.CACHING_LATENTS, flush=True)
     todo, cache, fps = _plan_latents(dataset, to_disk, io_timeout, fingerprint)
     by_bucket: dict[tuple, list[tuple]] = {}
     for key in todo:
         by_bucket.setdefault(key[1], []).append(key)
-    with tqdm(total=len(todo), desc="caching latents", disable=not progress) as bar:
+    with tqdm(total=len(todo), desc=console_markers.CACHING_LATENTS_BAR, disable=not progress) as bar:
         for bucket in sorted(by_bucket):
             keys = by_bucket[bucket]
             for start in range(0, len(keys), max(1, batch_size)):
@@ -319,11 +320,11 @@ def cache_text_encoder_outputs(dataset: TrainDataset, encode_fn: Callable[[list[
                                io_timeout: float | None = None, t5_max_length: int | None = None,
                                progress: bool = True) -> TECache:
     """Encode each distinct caption once. `fingerprint` names the tokenizers/encoders (e.g. file_identity)."""
-    print("caching Text Encoder outputs...", flush=True)
+    print(console_markers.CACHING_TEXT, flush=True)
     cache, todo = _plan_te(dataset, to_disk, fingerprint, apply_t5_attn_mask, t5_max_length, io_timeout)
     fps, reused = list(todo), len(cache.disk)
     step = max(1, batch_size)
-    with tqdm(total=len(fps), desc="caching Text Encoder outputs", disable=not progress) as bar:
+    with tqdm(total=len(fps), desc=console_markers.CACHING_TEXT_BAR, disable=not progress) as bar:
         for start in range(0, len(fps), step):
             chunk = fps[start:start + step]
             with torch.no_grad():

@@ -1,9 +1,11 @@
 """Console lines that other programs parse: each marker is defined once, here.
 
 Readers: the run supervisor's progress parser (`fluxgym/supervise/`, formerly
-`tools/monitor_progress.py`), FluxGym's own app and users' scripts that grep upstream logs.
-The texts are upstream sd-scripts' own, so the same parser works on upstream runs too.
-Change one only together with its reader; the tests pin both sides. Stdlib only.
+`tools/monitor_progress.py`, through MARKERS/OPEN_BAR/HINTS below), FluxGym's own app and users'
+scripts that grep upstream logs. Writers: library/trainer.py, train_loop.py, caching.py and
+hang_guards.py print these constants, never their own copy of the text. The texts are upstream
+sd-scripts' own, so the same parser works on upstream runs too. Change one only together with its
+reader; tests/sd_scripts/test_console_markers.py pins that what the trainer prints is matched.
 """
 from __future__ import annotations
 
@@ -14,12 +16,19 @@ EPOCH_LINE = "epoch {epoch}/{total}"           # printed on its own line when an
 SAVING_CHECKPOINT = "saving checkpoint: {path}"  # before each LoRA file is written
 SAVING_STATE = "saving state at {what}"        # before a state folder is written ("step 10", "epoch 2")
 SAVING_LAST_STATE = "saving last state."
-CACHING_LATENTS = "caching latents..."
+CACHING_LATENTS = "caching latents..."          # printed once, then a tqdm bar named CACHING_LATENTS_BAR
+CACHING_LATENTS_BAR = "caching latents"
 CACHING_TEXT = "caching Text Encoder outputs..."
+CACHING_TEXT_BAR = "caching Text Encoder outputs"
 GENERATING_SAMPLES = "generating sample images at step: {step}"
 MODEL_SAVED = "model saved."                   # the run wrote its final LoRA
 HANG_GUARD = "HANG GUARD [{site}]: {detail}"  # a hang guard fired; the process exits 124
 STALL_DUMP = "STALL: no progress for {seconds:g} s"
+# Only with FLUXTRAIN_RUN_STATS=1 (library/run_stats.py); read by tools/gpu_check.py through RUN_STATS_RE.
+RUN_STATS = "run stats: {steps} steps, {step_seconds:.4f} s/step after the first, peak cuda memory {peak_bytes} bytes"
+RUN_STATS_RE = re.compile(r"run stats: (?P<steps>\d+) steps, (?P<step_seconds>[\d.]+) s/step after the first, "
+                          r"peak cuda memory (?P<peak_bytes>\d+) bytes")
+HANG_GUARD_RE = re.compile(r"HANG GUARD \[(?P<site>\w+)\]")  # tools/gpu_check.py: which guard fired
 
 # What the supervisor's parser matches. `_BAR` reads a tqdm counter with an optional description;
 # tqdm ends a redraw with no line end, so OPEN_BAR reads the last one before its terminator arrives.

@@ -2,8 +2,9 @@
 
 - `build_dataset`: one `ImageItem` per image (caption file or class_tokens, prefix/suffix, bucket).
 - Buckets: fixed resolution (cover + center crop) or aspect-ratio buckets, all sides multiples of 16.
-- `TrainDataset.batches_for_epoch(epoch)` depends only on (seed, epoch), so `EpochBatchSampler` can
-  resume mid-epoch at a batch index with nothing replayed; `__getitem__` reads cached latents/TE outputs.
+- `TrainDataset.batches_for_epoch(epoch)` depends only on (seed, epoch), so the trainer's sampler
+  (`train_loop.ResumableBatchSampler`) resumes mid-epoch with nothing replayed; `__getitem__` reads
+  cached latents/TE outputs.
 - `load_image_tensor` gives the resized/cropped image that latent caching encodes.
 """
 
@@ -14,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -273,19 +274,3 @@ def collate(samples: Sequence[dict]) -> dict:
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
     return batch
-
-
-class EpochBatchSampler(torch.utils.data.Sampler):
-    """Batches of one epoch starting at `start_batch`; pass as `batch_sampler=` to a DataLoader."""
-
-    def __init__(self, dataset: TrainDataset, epoch: int, start_batch: int = 0):
-        self.batches = dataset.batches_for_epoch(epoch)
-        if not 0 <= start_batch <= len(self.batches):
-            raise ValueError(f"start_batch {start_batch} is outside epoch {epoch} (0..{len(self.batches)} batches)")
-        self.start_batch = start_batch
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        return iter(self.batches[self.start_batch:])
-
-    def __len__(self) -> int:
-        return len(self.batches) - self.start_batch

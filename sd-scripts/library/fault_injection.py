@@ -2,20 +2,19 @@
 
 `FLUXTRAIN_INJECT_HANG=<site>` makes `inject_point(site)` block forever. Each guarded
 site calls it from inside its own bound, so a black-box test can prove the bound fires.
-Stdlib only: DataLoader workers and the tools import it cheaply.
+The site names are the injectable rows of `library.hang_sites`. Stdlib only: DataLoader
+workers and the tools import it cheaply.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 
+from library.hang_sites import INJECTABLE
+
 ENV_VAR = "FLUXTRAIN_INJECT_HANG"
-SITES = ("dataloader", "block_swap", "cache_io", "sample", "save", "step")
-
-
-def injected_site() -> str | None:
-    site = os.environ.get(ENV_VAR, "").strip()
-    return site or None
+_warned: set[str] = set()
 
 
 def _matches(site: str) -> bool:
@@ -24,6 +23,10 @@ def _matches(site: str) -> bool:
     if not wanted:
         return False
     name, _, rank = wanted.partition("@")
+    if name not in INJECTABLE and name not in _warned:
+        # Only a warning: raising here could be taken for a damaged cache file by the caller's except.
+        _warned.add(name)
+        sys.stderr.write(f"{ENV_VAR}={wanted}: no such site; injectable: {', '.join(sorted(INJECTABLE))}\n")
     return name == site and (not rank or os.environ.get("RANK", "0") == rank)
 
 

@@ -27,7 +27,7 @@ def _time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
 
 
-def _flux_mu(image_seq_len: int) -> float:
+def flux_mu(image_seq_len: int) -> float:
     # Linear in sequence length between FLUX's base (256 tokens, 0.5) and max (4096, 1.15) shifts.
     slope = (1.15 - 0.5) / (4096 - 256)
     return slope * image_seq_len + (0.5 - slope * 256)
@@ -70,7 +70,7 @@ def sample_noised(latents: torch.Tensor, noise: torch.Tensor, flow, generator: t
             t = (t * shift) / (1 + (shift - 1) * t)
         elif kind == "flux_shift":
             seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
-            t = _time_shift(_flux_mu(seq_len), t)
+            t = _time_shift(flux_mu(seq_len), t)
         sig = t
     sigmas = sig.to(latents.device, torch.float32).view(-1, 1, 1, 1)
     noisy = (1.0 - sigmas) * latents.float() + sigmas * noise.float()

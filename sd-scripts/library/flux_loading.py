@@ -3,7 +3,7 @@
 - `analyze_flux_checkpoint`: architecture from the safetensors header only (no tensor data read).
 - `load_flow_model` / `load_ae` / `load_clip_l` / `load_t5xxl`: build the model from a config inferred
   from tensor shapes (never a hub id), on the meta device, then assign converted tensors one by one.
-- `encode_latents` / `decode_latents`: FLUX latent scaling (shift 0.1159, scale 0.3611).
+- `encode_latents`: FLUX latent scaling (shift 0.1159, scale 0.3611); sampling's `_decode` inverts it.
 Errors a user can fix raise `ModelFileError` naming the file and the command-line flag.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from library import flux_convert as fc
+from library.flux_time_inputs import keep_time_inputs_float32
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,8 @@ def load_flow_model(path, *, dtype, device="cpu", fp8: bool = False, disable_mma
         raise _wrong_kind(flag, "FLUX transformer", path, e) from e
     model.to(device)
     model.eval().requires_grad_(False)
-    return model
+    # Training and sampling both go through here: t*1000 and guidance*1000 in float32, as upstream.
+    return keep_time_inputs_float32(model)
 
 
 # ---------------------------------------------------------------- autoencoder
@@ -280,13 +282,6 @@ def encode_latents(ae, images: torch.Tensor, generator: torch.Generator | None =
     z = dist.sample(generator=generator)
     cfg = ae.config
     return (z - cfg.shift_factor) * cfg.scaling_factor
-
-
-def decode_latents(ae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled FLUX latents -> images in about [-1, 1]."""
-    cfg = ae.config
-    z = latents.to(device=ae.device, dtype=ae.dtype) / cfg.scaling_factor + cfg.shift_factor
-    return ae.decode(z).sample
 
 
 # ---------------------------------------------------------------- text encoders

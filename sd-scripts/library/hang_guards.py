@@ -3,8 +3,9 @@
 Responsibilities:
 - `deadline(site, seconds)`: a bound around one blocking operation, enforced by ONE shared daemon
   watchdog thread and a deadline table (entering/leaving costs about a microsecond);
-- `fire()`: print `HANG GUARD [site]: ...`, dump all thread stacks to `OUTPUT_DIR/hang-<ts>.txt`,
-  mark the heartbeat failed and `os._exit(124)` (a stuck non-daemon thread cannot keep us alive);
+- `fire()`: print `HANG GUARD [site]: ...` with the site's hint (library.hang_sites), dump all
+  thread stacks to `OUTPUT_DIR/hang-<ts>.txt`, mark the heartbeat failed and `os._exit(124)` (a
+  stuck non-daemon thread cannot keep us alive);
 - stall diagnosis: `progress()` re-arms faulthandler's C-level timer (dump only, never kills);
 - SIGUSR1 (where it exists): dump all stacks to `OUTPUT_DIR/stacks-<ts>.txt` on demand.
 """
@@ -23,42 +24,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NoReturn
 
+from library import console_markers
+from library.hang_sites import hint_for
+
 logger = logging.getLogger(__name__)
 
 EXIT_HANG = 124  # same code as coreutils `timeout`, so scripts can tell a hang from a crash
 _POLL_S = 1.0  # the watchdog wakes at least this often to pick up faulthandler dumps
 
-HINTS: dict[str, str] = {
-    "dataloader": (
-        "a DataLoader worker is stuck reading an image or cache file. Check the disk or network mount of the "
-        "dataset, try fewer workers (--max_data_loader_n_workers 0..2) or drop --persistent_data_loader_workers, "
-        "or raise --dataloader_timeout if the data really is that slow."
-    ),
-    "block_swap": (
-        "moving a transformer block between CPU and GPU did not finish. Lower --blocks_to_swap (0 turns block "
-        "swap off), free system RAM (on Windows turn off the CUDA sysmem fallback), or raise --block_swap_timeout."
-    ),
-    "cache_io": (
-        "reading a cached .npz file did not finish. Check the disk or network mount of the dataset, delete the "
-        "*_flux.npz / *_flux_te.npz cache files so they are rebuilt, or raise --cache_io_timeout."
-    ),
-    "sample": (
-        "generating one sample image took too long. Use fewer sample steps (--s in the prompt file) or larger "
-        "--sample_every_n_steps/epochs, or raise --sample_timeout."
-    ),
-    "save": (
-        "writing a checkpoint did not finish; the previous checkpoint is intact. Check free space and the health "
-        "of the output disk, or raise --save_timeout for a slow network drive."
-    ),
-    "ddp": (
-        "another process (rank) did not reach the synchronisation point. Look for the first error in the other "
-        "ranks' output; raise --ddp_timeout (minutes) if one rank is only slow, e.g. while caching."
-    ),
-    "step": (
-        "a training step did not finish. Check the GPU (nvidia-smi), lower the batch size or resolution, "
-        "and read the stack dump to see where it stopped."
-    ),
-}
 _RESUME_NOTE = "Checkpoints already written are complete; continue later with --resume auto."
 
 
@@ -235,8 +208,8 @@ class HangGuards:
         with contextlib.suppress(Exception):
             faulthandler.cancel_dump_traceback_later()
         pos = self.position()
-        line = (f"HANG GUARD [{site}]: {detail} (phase {pos.get('phase', '?')}, epoch {pos.get('epoch', '?')}, "
-                f"step {pos.get('step', '?')}). Try: {hint or HINTS.get(site, 'see the stack dump')}")
+        line = (f"{console_markers.HANG_GUARD.format(site=site, detail=detail)} (phase {pos.get('phase', '?')}, "
+                f"epoch {pos.get('epoch', '?')}, step {pos.get('step', '?')}). Try: {hint or hint_for(site)}")
         dump = self._write_hang_file(line)
         where = f"All thread stacks: {dump}." if dump else "The stack dump could not be written."
         with contextlib.suppress(Exception):
@@ -339,8 +312,8 @@ class HangGuards:
             logger.warning("could not publish stack dump: %s", e)
             return f
         if stall:
-            sys.stderr.write(f"\nSTALL: no progress for {self.stall_dump_timeout:g} s; all thread stacks written "
-                             f"to {path} (diagnosis only, the run goes on).\n")
+            sys.stderr.write(f"\n{console_markers.STALL_DUMP.format(seconds=self.stall_dump_timeout)}; all thread "
+                             f"stacks written to {path} (diagnosis only, the run goes on).\n")
         new = self._open_pending(kind)
         if not stall:
             self._register_sigusr1(new)

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from library.atomic_io import atomic_file, parse_leftover, pid_alive
+from library.errors import HangError
 from library.fault_injection import inject_point
 
 logger = logging.getLogger(__name__)
 
 
-class CacheReadTimeout(TimeoutError):
-    """A cache file could not be read within `--cache_io_timeout` seconds."""
+class CacheReadTimeout(HangError):
+    """A cache file could not be read within `--cache_io_timeout` seconds (hang site `cache_io`)."""
 
     def __init__(self, path: os.PathLike | str, timeout: float | None = None):
         self.path = str(path)

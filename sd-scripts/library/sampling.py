@@ -235,6 +235,7 @@ def _generate_image(transformer, ae, encode_prompt, prompt: SamplePrompt, device
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from library.flow_matching import flux_mu
     from library.flux_packing import image_ids, pack_latents, unpack_latents
 
     width, height = prompt.size
@@ -255,7 +256,7 @@ def _generate_image(transformer, ae, encode_prompt, prompt: SamplePrompt, device
 
     scheduler = FlowMatchEulerDiscreteScheduler(**(SCHNELL_SCHEDULER if is_schnell else DEV_SCHEDULER))
     sigmas = np.linspace(1.0, 1.0 / prompt.steps, prompt.steps)  # the last step goes from 1/steps to 0
-    mu = None if is_schnell else _flux_mu(x.shape[1])
+    mu = None if is_schnell else flux_mu(x.shape[1])  # the shift training uses
     scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
 
     def predict(c, t):
@@ -266,7 +267,7 @@ def _generate_image(transformer, ae, encode_prompt, prompt: SamplePrompt, device
             img = torch.ones(1, x.shape[1], dtype=torch.bool, device=device)
             mask = {"attention_mask": torch.cat([c["t5_attn_mask"].bool().reshape(1, -1), img], 1)[:, None, None]}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = transformer(hidden_states=x.to(dtype), timestep=(t / 1000).expand(1).to(dtype), guidance=guidance,
+            out = transformer(hidden_states=x.to(dtype), timestep=(t / 1000).expand(1).float(), guidance=guidance,
                               pooled_projections=c["l_pooled"], encoder_hidden_states=c["t5_out"],
                               txt_ids=c["txt_ids"], img_ids=img_ids, joint_attention_kwargs=mask,
                               return_dict=False)[0]
@@ -290,12 +291,6 @@ def _negative_conditioning(encode_prompt, prompt: SamplePrompt, device, dtype):
         logger.warning("%s: no text embedding for the negative prompt (%s: %s); sampling without CFG",
                        prompt.source or "sample prompt", type(exc).__name__, exc)
         return None
-
-
-def _flux_mu(image_seq_len: int) -> float:
-    c = DEV_SCHEDULER
-    slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-    return c["base_shift"] + slope * (image_seq_len - c["base_image_seq_len"])
 
 
 def _decode(ae, latents, device):

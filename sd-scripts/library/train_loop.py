@@ -16,10 +16,11 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+from library import console_markers, run_stats
 from library.dataset import collate
 from library.fault_injection import inject_point
 from library.flow_matching import apply_prediction_type, flow_loss, sample_noised
-from library.hang_guards import HINTS
+from library.npz_io import CacheReadTimeout
 
 log = logging.getLogger(__name__)
 STEP_SEED_STRIDE = 1_000_003  # keeps per-step generator seeds of different runs apart
@@ -63,7 +64,9 @@ def training_batches(trainer) -> Iterator[dict]:
     # backstop. Without workers it is the only bound, so it uses the flag's value itself.
     # FIX: with 0 workers a stuck __getitem__ had no bound at all; this deadline is it.
     backstop = (bound + 10 if workers else bound) if bound else None
-    return trainer.guards.guard_iterator(loader, site="dataloader", seconds=backstop)
+    # A cache read that timed out in a worker comes back as CacheReadTimeout (torch rebuilds the type).
+    return trainer.guards.guard_iterator(loader, site="dataloader", seconds=backstop,
+                                         map_errors=((CacheReadTimeout, "cache_io"),))
 
 
 def make_loader(trainer, workers: int) -> torch.utils.data.DataLoader:
@@ -128,7 +131,7 @@ def training_step(trainer, batch: dict) -> float:
     with trainer.accelerator.autocast():
         pred = trainer.transformer(
             hidden_states=packed, encoder_hidden_states=cond["t5_out"], pooled_projections=cond["l_pooled"],
-            timestep=(noised.timesteps / 1000).to(device, dtype), img_ids=img_ids, txt_ids=cond["txt_ids"][0],
+            timestep=(noised.timesteps / 1000).to(device, torch.float32), img_ids=img_ids, txt_ids=cond["txt_ids"][0],
             guidance=guidance, joint_attention_kwargs=attention_mask(trainer, cond["t5_attn_mask"], packed.shape[1]),
             return_dict=False)[0]
     pred = unpack_latents(pred.float(), h, w)
@@ -153,7 +156,7 @@ def sync_gradients(trainer) -> None:
     minutes = trainer.s.guards.ddp_timeout_minutes
     # FIX: a rank that never arrives used to hold the others in this collective for the backend's default
     # (10-30 min); --ddp_timeout bounds it on every backend, not only where the process-group timeout works.
-    with trainer.guards.deadline("ddp", minutes * 60 if minutes else None, hint=HINTS["ddp"],
+    with trainer.guards.deadline("ddp", minutes * 60 if minutes else None,
                                  detail="gradient all-reduce: waiting for the other processes"):
         for param in trainer.trainable_params:
             if param.grad is None:
@@ -194,12 +197,12 @@ def generate_samples(trainer, epoch: int | None = None) -> None:
 
     previous = trainer.phase
     trainer.set_phase("sampling", f"sample images at step {trainer.pos.step}")
-    print(f"generating sample images at step: {trainer.pos.step}")
+    print(console_markers.GENERATING_SAMPLES.format(step=trainer.pos.step))
     trainer.ae.to(trainer.device)
 
     def guard(index: int):
         # FIX: sampling runs inline and had no bound (minutes per image on small GPUs, forever when stuck).
-        return trainer.guards.deadline("sample", trainer.s.guards.sample_timeout, hint=HINTS["sample"])
+        return trainer.guards.deadline("sample", trainer.s.guards.sample_timeout)
 
     with torch.no_grad():
         sampling.generate_samples(
@@ -225,15 +228,17 @@ def run_training_loop(trainer) -> None:
     maybe_sample(trainer, at_epoch_end=False, first=pos.step == 0)
     trainer.transformer.train()
     batches = training_batches(trainer)
-    bar = tqdm(total=trainer.max_train_steps, initial=pos.step, desc="steps", smoothing=0, file=sys.stderr,
-               disable=not trainer.accelerator.is_main_process)
+    bar = tqdm(total=trainer.max_train_steps, initial=pos.step, desc=console_markers.STEPS_BAR_DESC, smoothing=0,
+               file=sys.stderr, disable=not trainer.accelerator.is_main_process)
     recent_losses: deque[float] = deque(maxlen=100)  # tqdm's avr_loss: mean of the last 100 steps
+    clock = run_stats.StepClock.from_env()  # tools/gpu_check.py only; None otherwise
     current_epoch = None
     while pos.step < trainer.max_train_steps:
         if current_epoch != pos.epoch:
             current_epoch = pos.epoch
             if trainer.is_main:
-                print(f"\nepoch {pos.epoch + 1}/{trainer.num_epochs}", flush=True)
+                line = console_markers.EPOCH_LINE.format(epoch=pos.epoch + 1, total=trainer.num_epochs)
+                print(f"\n{line}", flush=True)
         batch = next(batches, None)
         if batch is None:
             break
@@ -246,11 +251,15 @@ def run_training_loop(trainer) -> None:
         trainer.record_loss(loss)
         trainer.heartbeat.step(pos.step, pos.epoch + 1)
         trainer.guards.progress()
+        if clock is not None:
+            clock.step_done()
         after_step(trainer)
         if pos.batch_in_epoch >= trainer.batches_per_epoch:
             end_epoch(trainer)
         simulate_crash_if_requested(pos.step)
     bar.close()
+    if clock is not None and trainer.is_main:
+        print(clock.report(trainer.device), flush=True)
 
 
 def simulate_crash_if_requested(step: int) -> None:

@@ -17,19 +17,15 @@ from pathlib import Path
 
 import torch
 
-from library import checkpoint_io, checkpoint_validation, metadata
+from library import checkpoint_io, checkpoint_validation, console_markers, metadata
 from library.heartbeat import Heartbeat
-from library.hang_guards import HINTS, HangGuards
+from library.npz_io import CacheReadTimeout
+from library.hang_guards import HangGuards
 from library.settings import SettingsError, TrainSettings, total_steps
 
 log = logging.getLogger(__name__)
 REPO_DIR = Path(__file__).resolve().parents[2]
 LOSS_LOG_ENV = "FLUXTRAIN_LOSS_LOG"  # tests: append "step,loss" per optimizer step to this file
-
-
-def _is_cache_timeout(exc: BaseException) -> bool:
-    # Raised in a DataLoader worker, the exception is rebuilt in the main process, maybe as another class.
-    return type(exc).__name__ == "CacheReadTimeout" or "cache_io_timeout" in str(exc)
 
 
 class _SilentHeartbeat:
@@ -79,8 +75,8 @@ class FluxLoRATrainer:
             self.heartbeat.failed("interrupted")
             raise
         except Exception as exc:
-            if _is_cache_timeout(exc):
-                self.guards.fire("cache_io", str(exc), HINTS["cache_io"])
+            if isinstance(exc, CacheReadTimeout):  # a cache read of the caching phase: same exit as any guard
+                self.guards.fire_from_exception("cache_io", exc)
             self.heartbeat.failed(f"{type(exc).__name__}: {exc}")
             raise
         finally:
@@ -138,7 +134,7 @@ class FluxLoRATrainer:
             return
         minutes = self.s.guards.ddp_timeout_minutes
         # FIX: one stuck rank held every other rank in this barrier for the backend's default 10-30 min.
-        with self.guards.deadline("ddp", minutes * 60 if minutes else None, hint=HINTS["ddp"], detail=what):
+        with self.guards.deadline("ddp", minutes * 60 if minutes else None, detail=what):
             self.accelerator.wait_for_everyone()
 
     def load_tokenizers(self) -> None:
@@ -315,7 +311,7 @@ class FluxLoRATrainer:
         print(f"enable block swap: blocks_to_swap={self.s.run.blocks_to_swap}")
         self.block_swapper = BlockSwapper(
             self.transformer, self.s.run.blocks_to_swap, self.device, timeout=self.s.guards.block_swap_timeout,
-            on_timeout=lambda detail: self.guards.fire("block_swap", detail, HINTS["block_swap"]))
+            on_timeout=lambda detail: self.guards.fire("block_swap", detail))
         self.block_swapper.move_to_device_except_swapped()
         if not self.s.run.gradient_checkpointing:
             log.warning("--blocks_to_swap saves little memory without --gradient_checkpointing: autograd keeps "
@@ -415,7 +411,7 @@ class FluxLoRATrainer:
         self.set_phase("saving", f"saving {kind} checkpoint")
         # FIX: saving had no bound (a stuck disk or network share froze the run); saves are atomic, so ending
         # the run on --save_timeout leaves the previous checkpoint intact.
-        with self.guards.deadline("save", self.s.guards.save_timeout, hint=HINTS["save"]):
+        with self.guards.deadline("save", self.s.guards.save_timeout):
             # The names come from the module discovery uses, so what is written is what resume finds.
             number = {"epoch": {"epoch": self.pos.epoch}, "step": {"step": self.pos.step}}.get(kind, {})
             file_name = checkpoint_validation.lora_file_name(name, **number)
@@ -424,7 +420,7 @@ class FluxLoRATrainer:
                 self.write_state(out / state_name, kind)
             meta = metadata.metadata_for_save(self.base_metadata, step=self.pos.step, epoch=self.completed_epochs(),
                                               model_hash=self.model_hasher.value, minimal=self.s.save.no_metadata)
-            print(f"saving checkpoint: {out / file_name}")
+            print(console_markers.SAVING_CHECKPOINT.format(path=out / file_name))
             checkpoint_io.save_lora_file(out / file_name, self.lora_tensors(), meta)
             self.rotate()
         self.set_phase(previous_phase if previous_phase != "saving" else "training")
@@ -439,7 +435,8 @@ class FluxLoRATrainer:
         return self.pos.epoch + 1
 
     def write_state(self, final_dir: Path, kind: str) -> None:
-        print(f"saving state at {'step ' + str(self.pos.step) if kind == 'step' else 'epoch ' + str(self.pos.epoch)}")
+        what = f"step {self.pos.step}" if kind == "step" else f"epoch {self.pos.epoch}"
+        print(console_markers.SAVING_STATE.format(what=what))
         checkpoint_io.save_state_folder(
             final_dir, accelerator=self.accelerator, output_name=self.s.save.output_name, step=self.pos.step,
             epoch=self.completed_epochs(),
@@ -457,11 +454,11 @@ class FluxLoRATrainer:
     def save_final(self) -> None:
         with_state = self.s.save.save_state or self.s.save.save_state_on_train_end
         if with_state and self.is_main:
-            print("saving last state.")
+            print(console_markers.SAVING_LAST_STATE)
         self.save_checkpoint(kind="last", with_state=with_state)
         if self.block_swapper is not None:
             self.block_swapper.close()
         self.accelerator.end_training()
         if self.is_main:
-            print("model saved.")
+            print(console_markers.MODEL_SAVED)
         sys.stdout.flush()

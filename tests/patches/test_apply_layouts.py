@@ -29,7 +29,7 @@ def test_apply_marks_every_site_and_compiles(checkout, capsys, tmp_path):
     for pid in IDS:
         assert text.count(f"# hardening:{pid} begin") == text.count(f"# hardening:{pid} end") > 0
     assert "# FIX:" in text and "np.load(" not in after["library/strategy_flux.py"].decode()
-    assert "future.result()" not in after["library/custom_offloading_utils.py"].decode()
+    assert "move.result()" not in after["library/custom_offloading_utils.py"].decode()
     state_code = "".join(after[r].decode() for r in changed if "train_util" in r or "checkpoint_io" in r)
     assert "accelerator.save_state(" not in state_code and "save_state_at_step(accelerator, step_no," in state_code
     for i, rel in enumerate(sorted(changed)):
@@ -78,7 +78,7 @@ def test_reverse_refuses_a_file_edited_after_patching(checkout, capsys):
 def test_drift_exits_3_naming_patch_file_symbol_and_writes_nothing(checkout, capsys):
     target = checkout / "library/custom_offloading_utils.py"
     drifted = target.read_text().replace(
-        "_, bidx_to_cuda = future.result()", "_, bidx_to_cuda = concurrent_wait(future)"
+        "arrived = move.result()[1]", "arrived = concurrent_wait(move)[1]"
     )
     assert drifted != target.read_text()
     target.write_text(drifted)

@@ -26,7 +26,7 @@ from library.caching import (
     latent_cache_path,
     te_cache_path,
 )
-from library.dataset import build_dataset, collate, EpochBatchSampler
+from library.dataset import build_dataset, collate
 from library.dataset_config import DatasetBlueprint, SubsetBlueprint
 from library.npz_io import CacheReadTimeout, atomic_savez
 
@@ -279,7 +279,7 @@ def test_dataloader_worker_over_fifo_cache_raises_within_timeout(folder):
     os.mkfifo(fifo)
     stalled = LatentCache(io_timeout=0.5, disk={i: (fifo, "_8x8") for i in range(len(ds.items))})
     ds.set_caches(stalled)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=EpochBatchSampler(ds, 0), collate_fn=collate,
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=ds.batches_for_epoch(0), collate_fn=collate,
                                          num_workers=1, timeout=60)
     start = time.monotonic()
     try:

@@ -14,7 +14,6 @@ from PIL import Image
 
 from library.dataset import (
     DatasetError,
-    EpochBatchSampler,
     build_dataset,
     collate,
     load_image_tensor,
@@ -22,6 +21,7 @@ from library.dataset import (
     resize_plan,
 )
 from library.dataset_config import DatasetBlueprint, SubsetBlueprint
+from library.train_loop import ResumableBatchSampler
 
 
 def _subset(folder: Path, **kw) -> SubsetBlueprint:
@@ -189,16 +189,20 @@ def test_batches_deterministic_complete_and_single_bucket(tmp_path, mixed):
 def test_resume_mid_epoch_is_the_tail_of_the_full_epoch(tmp_path, mixed):
     ds = build_dataset(_two_subsets(tmp_path, mixed), seed=7)
     ds.set_caches(_FakeLatents(ds))
-    full = list(EpochBatchSampler(ds, 2))
-    assert full == ds.batches_for_epoch(2)
+    full = ds.batches_for_epoch(2)
+
+    def sampler(start: int, num_epochs: int = 3) -> ResumableBatchSampler:
+        return ResumableBatchSampler(ds, start_epoch=2, start_batch=start, num_epochs=num_epochs, rank=0, world=1,
+                                     batches_per_epoch=len(full))
+
+    assert list(sampler(0)) == full
     for start in (0, 1, 5, len(full)):
-        sampler = EpochBatchSampler(ds, 2, start_batch=start)
-        assert len(sampler) == len(full) - start
-        assert list(sampler) == full[start:]
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=EpochBatchSampler(ds, 2, start_batch=4), collate_fn=collate)
+        assert len(sampler(start)) == len(full) - start
+        assert list(sampler(start)) == full[start:]
+    # the cursor crosses into the next epoch with that epoch's own order
+    assert list(sampler(5, num_epochs=4)) == full[5:] + ds.batches_for_epoch(3)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler(4), collate_fn=collate)
     assert [b["indices"] for b in loader] == [[i for _, i in batch] for batch in full[4:]]
-    with pytest.raises(ValueError, match="start_batch"):
-        EpochBatchSampler(ds, 2, start_batch=len(full) + 1)
 
 
 def test_flip_choice_deterministic_and_read_from_cache(tmp_path, mixed):

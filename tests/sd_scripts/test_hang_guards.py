@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from library.hang_guards import EXIT_HANG, HINTS, HangGuards, is_dataloader_timeout
+from library.hang_guards import EXIT_HANG, HangGuards, is_dataloader_timeout
+from library.hang_sites import SITES
 from library.heartbeat import Heartbeat, read_heartbeat
 
 PRELUDE = textwrap.dedent(
@@ -270,12 +271,20 @@ def test_progress_is_cheap_per_step(tmp_path):
 
 
 def test_hints_cover_every_site():
-    for site in ("dataloader", "block_swap", "cache_io", "sample", "save", "ddp", "step"):
-        assert len(HINTS[site]) > 40
+    assert set(SITES) == {"dataloader", "block_swap", "cache_io", "sample", "save", "ddp", "step"}
+    for site in SITES.values():
+        assert len(site.hint) > 40
     for site, flag in (("dataloader", "--dataloader_timeout"), ("block_swap", "--block_swap_timeout"),
                        ("cache_io", "--cache_io_timeout"), ("sample", "--sample_timeout"),
                        ("save", "--save_timeout"), ("ddp", "--ddp_timeout")):
-        assert flag in HINTS[site]
+        assert flag in SITES[site].hint and SITES[site].flag == flag
+
+
+def test_fire_prints_the_sites_hint_from_the_table(guards, capsys):
+    with pytest.raises(SystemExit):
+        guards.fire("save", "writing x-state within 1 s")
+    err = capsys.readouterr().err
+    assert f"Try: {SITES['save'].hint}" in err
 
 
 def test_is_dataloader_timeout():
@@ -312,6 +321,38 @@ def test_guard_iterator_maps_worker_errors_to_sites(guards, capsys):
     err = capsys.readouterr().err
     assert "HANG GUARD [cache_io]: FakeCacheReadTimeout: reading /data/a_flux.npz" in err
     assert guards._table == {}  # the deadline was left on the way out
+
+
+class _StalledCacheDataset:
+    """Every item is a cache read that timed out (raised inside the DataLoader worker process)."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from library.npz_io import CacheReadTimeout
+
+        raise CacheReadTimeout(f"/data/img{i}_flux.npz", 30)
+
+
+def test_cache_timeout_in_a_dataloader_worker_reaches_the_cache_io_guard_by_type(guards, capsys):
+    """torch rebuilds a worker's exception from its message; CacheReadTimeout survives that with its type,
+    so map_errors (an isinstance check, no class-name strings) sends it to the cache_io guard."""
+    import torch
+
+    from library.errors import HangError
+    from library.npz_io import CacheReadTimeout
+
+    assert issubclass(CacheReadTimeout, HangError)
+    loader = torch.utils.data.DataLoader(_StalledCacheDataset(), batch_size=None, num_workers=1, timeout=60)
+    with pytest.raises(SystemExit):
+        for _ in guards.guard_iterator(loader, seconds=60, map_errors=((CacheReadTimeout, "cache_io"),)):
+            pass
+    assert guards.calls == [EXIT_HANG]
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("HANG GUARD ["))
+    assert line.startswith("HANG GUARD [cache_io]: CacheReadTimeout: Caught CacheReadTimeout in DataLoader worker")
+    assert f"Try: {SITES['cache_io'].hint}" in err and "/data/img0_flux.npz" in err
 
 
 def test_guard_iterator_passes_other_errors_and_finishes(guards):

@@ -242,5 +242,7 @@ def test_packing_used_by_sampling_matches_diffusers_flux_pipeline():
 def test_flux_shift_matches_diffusers():
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+    from library.flow_matching import flux_mu
+
     for seq in (16, 256, 1024, 4096):
-        assert sampling._flux_mu(seq) == pytest.approx(calculate_shift(seq))
+        assert flux_mu(seq) == pytest.approx(calculate_shift(seq))

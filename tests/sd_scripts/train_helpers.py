@@ -59,3 +59,32 @@ def run_trainer(args: list[str], *, launcher: str = "python", env: dict | None =
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=str(REPO))
+
+
+def run_trainer_in_process(args: list[str]) -> int:
+    """flux_train_network.main(args) in this process (no interpreter start-up: a few seconds faster).
+
+    accelerate keeps one process-wide state whose precision cannot change once set, so it is reset
+    before and after; tests that need to monkeypatch the trainer's modules use this.
+    """
+    import flux_train_network
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    try:
+        return flux_train_network.main(args)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def marker_groups(text: str) -> dict[str, list[str]]:
+    """What the supervisor's parser (library.console_markers.MARKERS) finds in console output, by group."""
+    from library.console_markers import MARKERS
+
+    found: dict[str, list[str]] = {}
+    for m in MARKERS.finditer(text):
+        for name, value in m.groupdict().items():
+            if value is not None and name in ("desc", "ep", "saving", "caching_latents", "caching_text",
+                                              "sampling", "done", "failed"):
+                found.setdefault(name, []).append(value)
+    return found
