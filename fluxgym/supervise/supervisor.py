@@ -30,8 +30,8 @@ from fluxgym.supervise.policy import (
     next_blocks_to_swap, with_blocks_to_swap, with_resume,
 )
 from fluxgym.supervise.process import (
-    PID_FILE, ProcessRecord, ProcessTree, describe_exit, launch, process_alive, read_pid_file, stop_tree,
-    write_pid_file,
+    PID_FILE, ProcessRecord, ProcessTree, describe_exit, launch, process_alive, read_pid_file, record_from,
+    stop_tree, supervisor_record, write_pid_file,
 )
 from fluxgym.supervise.progress import Deadlines, ProgressTracker, Stall
 from fluxgym.supervise.report import gpu_snapshot, py_spy_dump, request_stack_dump, write_stall_report
@@ -242,7 +242,8 @@ class Supervisor:
         hb = self._last
         out = RunOutcome(state=state, exit_code=res.rc, lora_file=None, restarts=restarts, ended_by=ended_by,
                          tail=lines, last_checkpoint=hb.get("last_checkpoint"), step=res.step if res.step is not None
-                         else hb.get("step"), total_steps=hb.get("total_steps"), epoch=hb.get("epoch"))
+                         else hb.get("step"), total_steps=hb.get("total_steps"), epoch=hb.get("epoch"),
+                         stalled=res.stall is not None)
         lora = self._lora_path()
         if state == "done":
             out.lora_file = lora if lora and self._lora_ok() else None
@@ -478,3 +479,25 @@ def _status(pid: int) -> str:
         return psutil.Process(pid).status()
     except psutil.Error:
         return "gone"
+
+
+def running(output_dir: Path) -> dict | None:
+    """The pid file of a supervised run in `output_dir` whose supervisor or trainer is still alive, else None."""
+    data = read_pid_file(Path(output_dir) / PID_FILE)
+    if not data:
+        return None
+    recs = [record_from(data), supervisor_record(data)]
+    return data if any(r is not None and process_alive(r) for r in recs) else None
+
+
+def stop_run(output_dir: Path, *, grace: float = 10.0) -> tuple[bool, list[int]]:
+    """End the supervised run in `output_dir` from anywhere (another terminal): the marker tells its
+    supervisor not to restart it, then the trainer's tree is ended. Returns (was running, pids left)."""
+    data = read_pid_file(Path(output_dir) / PID_FILE)
+    if data is None:
+        return False, []
+    (Path(output_dir) / STOP_MARKER).write_text(str(time.time()), encoding="utf-8")
+    rec = record_from(data)
+    was_running = running(output_dir) is not None
+    left = stop_tree(rec, grace) if rec is not None else []
+    return was_running, left
