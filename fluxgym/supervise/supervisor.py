@@ -382,7 +382,8 @@ class Supervisor:
             self.emit("phase", f"phase: {phase} (step {step})", phase=phase, step=step)
         hb = tracker.heartbeat or {}
         if step is not None and step != seen.step:
-            seen.rates.append((now, step))
+            if phase == "training":  # loading time before the first step is no step rate
+                seen.rates.append((now, step))
             if now - seen.step_at >= 1.0:  # at most about one step event a second
                 seen.step, seen.step_at = step, now
                 total = tracker.total_steps
