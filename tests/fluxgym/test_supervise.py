@@ -190,3 +190,27 @@ def test_stop_from_another_thread_ends_the_tree_without_restart(tmp_path):
     assert kinds(events, "stopped")[0]["by"] == "user"
     assert not process_alive(rec)
     assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in kids)
+
+
+def test_every_rank_beats_into_its_own_file_with_the_last_loss(tmp_path):
+    from library.heartbeat import Heartbeat, read_heartbeat
+
+    Heartbeat(tmp_path).step(3, 1, loss=0.25)
+    Heartbeat(tmp_path, rank=2).step(3, 1)
+    assert read_heartbeat(tmp_path)["loss"] == 0.25 and read_heartbeat(tmp_path)["rank"] == 0
+    assert (tmp_path / "heartbeat-rank2.json").is_file() and read_heartbeat(tmp_path, 2)["loss"] is None
+
+
+def test_injected_out_of_memory_fires_at_its_step_below_its_swap(monkeypatch):
+    import torch
+
+    from library.fault_injection import inject_point
+
+    monkeypatch.setenv("FLUXTRAIN_INJECT_OOM", "step@3<6")
+    inject_point("step", step=2, blocks_to_swap=0)  # another step: nothing
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+        inject_point("step", step=3, blocks_to_swap=0)
+    inject_point("step", step=3, blocks_to_swap=6)  # enough block swap: the retry gets past it
+    monkeypatch.setenv("FLUXTRAIN_INJECT_OOM", "step@3")
+    with pytest.raises(torch.OutOfMemoryError):
+        inject_point("step", step=3, blocks_to_swap=35)
