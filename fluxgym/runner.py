@@ -19,9 +19,8 @@ from fluxgym.models import ModelError
 from fluxgym.naming import ProjectPaths
 from fluxgym.supervise import Deadlines, RestartPolicy, RunOutcome, RunSpec, Supervisor
 from fluxgym.supervise.outcome import error_lines
-from fluxgym.supervise.process import PID_FILE
-from fluxgym.supervise.supervisor import running
-from fluxgym.supervise.supervisor import stop_run as _stop_supervised
+from fluxgym.supervise.process import PID_FILE, running
+from fluxgym.supervise.process import stop_run as _stop_supervised
 
 LOG_FILE = "train.log"
 LAST_RUN = "last_run.json"

@@ -16,7 +16,7 @@ from fluxgym.naming import ProjectPaths
 from fluxgym.runner import EVENTS_FILE, LAST_RUN, LOG_FILE
 from fluxgym.supervise.events import tail_events
 from fluxgym.supervise.progress import read_heartbeat
-from fluxgym.supervise.supervisor import running
+from fluxgym.supervise.process import running
 
 VERDICTS = {"done": "succeeded", "failed": "failed", "stopped": "stopped"}
 

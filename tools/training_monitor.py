@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -30,7 +29,7 @@ if _REPO not in sys.path:  # entry script: the repository root, once; fluxgym._p
 
 import psutil  # noqa: E402
 
-from fluxgym.supervise import Deadlines, ProcessRecord, RestartPolicy, RunSpec, Supervisor  # noqa: E402
+from fluxgym.supervise import Deadlines, ProcessRecord, RestartPolicy, RunSpec, Supervisor  # noqa: E402,F401
 from fluxgym.supervise.options import add_deadline_flags, deadlines_from  # noqa: E402
 from fluxgym.supervise.policy import command_from_script, with_resume  # noqa: E402,F401 (re-exported)
 from fluxgym.supervise.progress import read_heartbeat  # noqa: E402
