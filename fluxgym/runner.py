@@ -86,7 +86,7 @@ def summary(paths: ProjectPaths, out: RunOutcome) -> str:
     head = "training stopped" if out.state == "stopped" else f"training FAILED: {out.error}"
     parts = [head, f"log: {paths.out(LOG_FILE)}"]
     if out.restarts:
-        parts.append("restarts: " + "; ".join(f"{r['reason']} at step {r['at_step']}" +
+        parts.append("restarts: " + "; ".join(r["reason"] + (f" at step {r['at_step']}" if r["at_step"] else "") +
                                               (f" (blocks_to_swap {r['blocks_to_swap']})" if r["reason"] == "oom"
                                                else "") for r in out.restarts))
     errors = error_lines(out.tail)

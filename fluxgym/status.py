@@ -18,6 +18,7 @@ from fluxgym.supervise.events import tail_events
 from fluxgym.supervise.progress import read_heartbeat
 from fluxgym.supervise.process import running
 
+HEARTBEAT = "heartbeat.json"
 VERDICTS = {"done": "succeeded", "failed": "failed", "stopped": "stopped"}
 
 
@@ -27,6 +28,20 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def log_tail(path: Path, lines: int = 10, max_bytes: int = 65536) -> list[str]:
+    """Last non-empty lines of a log; tqdm's `\\r` updates count as lines (for error reports, not status)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    parts = [p for p in data.replace("\r", "\n").split("\n") if p.strip()]
+    return parts[-lines:]
 
 
 def checkpoint_validation():
