@@ -135,7 +135,7 @@ def test_a_rank_that_stops_moving_is_a_stall_and_stopped_is_never_one(tmp_path):
 
 def test_events_file_and_reader(tmp_path):
     out = tmp_path / "run"
-    outcome, events = supervise(fake_spec(out, "--steps", "30", "--step-time", "0.05", "--save-every", "10",
+    outcome, events = supervise(fake_spec(out, "--steps", "30", "--step-time", "0.1", "--save-every", "10",
                                           job_id=7))
     assert outcome.state == "done"
     on_disk, offset = read_events(out / "events.jsonl")
@@ -145,8 +145,8 @@ def test_events_file_and_reader(tmp_path):
     seen = [e["event"] for e in on_disk]
     assert seen[0] == "started" and seen[-1] == "done" and "phase" in seen
     steps = kinds(on_disk, "step")
-    assert steps and all(e["loss"] == pytest.approx(0.123) for e in steps)  # from the bar's avr_loss=
-    assert steps[-1]["total_steps"] == 30 and any(e["it_per_s"] for e in steps)
+    assert len(steps) >= 2 and steps[-1]["loss"] == pytest.approx(0.123)  # from the bar's avr_loss=
+    assert steps[-1]["total_steps"] == 30 and steps[-1]["it_per_s"] > 0 and steps[-1]["eta_s"] >= 0
     assert [e["path"] for e in kinds(on_disk, "checkpoint")] == [
         str(out / "fake-step00000010-state"), str(out / "fake-step00000020-state")]
     with open(out / "events.jsonl", "ab") as fh:  # a writer cut off in the middle of a line
