@@ -18,12 +18,13 @@ import shlex
 import sys
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[1]
-_SD = _REPO / "sd-scripts"
-for _p in (str(_SD), str(_REPO)):  # library.* (the trainer's validation) and fluxgym.closed_pipe
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:  # entry script: the repository root, once; fluxgym._paths does the rest
+    sys.path.insert(0, _REPO)
 
+from fluxgym._paths import use_sd_scripts  # noqa: E402
+
+use_sd_scripts()
 from library import atomic_io  # noqa: E402
 from library.checkpoint_validation import (  # noqa: E402
     CheckpointInfo,

@@ -140,9 +140,10 @@ def test_ctrl_c_ends_the_whole_tree(root, tmp_path):
     assert _gone(pids["trainer"]) and _gone(pids["grandchild"])
 
 
-def test_status_reads_heartbeat_and_log(root, tmp_path):
+def test_status_reads_heartbeat_and_events(root, tmp_path):
     paths, _ = setup_lora(root)
     run_training(paths, env=stand_in_env(tmp_path, FG_MODE="ok"))
+    paths.out(LOG_FILE).unlink()  # status reads events.jsonl and heartbeat.json, not the console text
     hb = {"version": 1, "pid": 1, "phase": "training", "step": 3, "total_steps": 10, "epoch": 1,
           "total_epochs": 4, "time": time.time(), "phase_started": time.time(), "message": "",
           "last_checkpoint": str(paths.output_dir / "my-lora-000002-state")}
@@ -150,7 +151,8 @@ def test_status_reads_heartbeat_and_log(root, tmp_path):
     st = run_status(paths)
     assert st["state"] == "succeeded" and st["step"] == 3 and st["total_steps"] == 10
     text = format_status(st)
-    assert "step: 3/10" in text and "my-lora-000002-state" in text and "model saved." in text
+    assert "step: 3/10" in text and "my-lora-000002-state" in text and "training finished" in text
+    assert st["lora_file"] == str(paths.final_lora)
 
 
 def test_stop_when_nothing_runs(root):
@@ -175,8 +177,31 @@ def test_sigterm_to_the_runner_ends_the_tree(root, tmp_path):
 
 
 def test_exit_descriptions():
-    from fluxgym.proctree import describe_exit
+    from fluxgym.supervise.process import describe_exit
 
     assert "hang guard" in describe_exit(124)
     assert describe_exit(-9) == "killed by signal SIGKILL"
     assert describe_exit(1) == "exit code 1"
+
+
+def test_train_supervision_flags(root, tmp_path, monkeypatch, capsys):
+    """--no-auto-resume and --max-restarts reach the supervisor; a bad deadline is refused before a launch."""
+    from fluxgym.supervise import read_events
+
+    paths, _ = setup_lora(root)
+    for k, v in stand_in_env(tmp_path, FG_MODE="fail").items():
+        monkeypatch.setenv(k, v)
+
+    def launches() -> int:
+        events, _ = read_events(paths.out("events.jsonl"))
+        return sum(e["event"] == "started" and e["run"] == events[-1]["run"] for e in events)
+
+    assert main(["train", "my-lora", "--root", str(root), "--quiet", "--no-auto-resume"]) == 1
+    assert launches() == 1
+    assert main(["train", "my-lora", "--root", str(root), "--quiet", "--max-restarts", "1"]) == 1
+    assert launches() == 2
+    assert "python -m fluxgym resume my-lora" in capsys.readouterr().err  # a crash: resuming can help
+    before = paths.out("events.jsonl").stat().st_size
+    assert main(["train", "my-lora", "--root", str(root), "--stuck-threshold", "0"]) == 2
+    assert "--stuck-threshold 0: must be more than 0 seconds" in capsys.readouterr().err
+    assert paths.out("events.jsonl").stat().st_size == before

@@ -1,10 +1,11 @@
-"""Progress tracking for tools/training_monitor.py: is the run moving, and which phase is it in?
+"""The one progress tracker: is the run moving, which phase is it in, and when is it stuck?
 
-- `LogParser`: finds upstream progress markers in console output (tqdm `steps:` bar, `epoch k/E`,
-  saving/caching/sampling lines), splitting on `\\r` as well as `\\n`.
-- `ProgressTracker`: merges heartbeat.json (most trusted), log markers and file activity in the output
-  folder into one "last progress" time per phase, applies per-phase deadlines and the slow-crawl warning.
-Stdlib only; GPU utilisation is deliberately not an input here.
+- `LogParser`: upstream's console markers (sd-scripts/library/console_markers.py: tqdm `steps:` bar with its
+  `avr_loss=` postfix, `epoch k/E`, saving/caching/sampling lines), split on `\\r` as well as `\\n`.
+- `ProgressTracker`: merges the heartbeats of every rank (most trusted), the markers and file activity in
+  the output folder into one "last progress" time, applies the phase deadlines, the first-step deadline,
+  and the slow-crawl warning. GPU utilisation is deliberately not an input.
+Stdlib + psutil only.
 """
 
 from __future__ import annotations
@@ -20,17 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-# The trainer's own reader (stdlib only); training_monitor.py puts sd-scripts/ on sys.path.
-from library.heartbeat import read_heartbeat  # noqa: F401  (re-exported for training_monitor)
+import psutil
 
-# Files the monitor itself or the heartbeat writer touch all the time: never "progress".
-_OWN_FILES = re.compile(r"^(train\.log|training_monitor\.log|heartbeat\.json|\.heartbeat\.json\.tmp-.*|stall-.*\.txt)$")
-# The markers are defined once, next to the trainer code that prints them.
+from fluxgym._paths import use_sd_scripts
+
+use_sd_scripts()
 from library.console_markers import HINTS as _HINTS, MARKERS as _MARKERS, OPEN_BAR as _OPEN_BAR  # noqa: E402
+from library.heartbeat import read_heartbeat  # noqa: E402
 
+# Files the supervisor itself or the heartbeat writers touch all the time: never "progress".
+_OWN_FILES = re.compile(r"^(train\.log|train\.pid|events\.jsonl|training_monitor\.log|\.stop-requested|"
+                        r"heartbeat(-rank\d+)?\.json|\.heartbeat(-rank\d+)?\.json\.tmp-.*|stall-.*\.txt|"
+                        r"last_run\.json|\.train\.pid\.tmp-.*)$")
+_RANK_FILE = re.compile(r"^heartbeat-rank(\d+)\.json$")
+_LOSS = re.compile(r"\b(?:avr_loss|loss)=\s*(?P<loss>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 _CARRY_MAX = 4096
-PHASES_LOADING = ("loading",)
 PHASES_CACHING = ("caching_latents", "caching_text", "caching")
+TERMINAL = ("done", "failed", "stopped")  # "stopped": ended by SIGTERM/SIGINT, never a stall
 
 
 @dataclass
@@ -75,6 +82,7 @@ class LogState:
     total: int | None = None
     epoch: int | None = None
     total_epochs: int | None = None
+    loss: float | None = None
     changes: int = 0  # bumps on every marker that means "something moved"
 
 
@@ -111,6 +119,9 @@ class LogParser:
             n, total = int(m.group("n")), int(m.group("m"))
             desc = (m.group("desc") or "").strip()
             if desc.endswith("steps"):
+                loss = _LOSS.search(m.string, m.end(), m.string.find("\n", m.end()) % (len(m.string) + 1))
+                if loss:
+                    st.loss = float(loss["loss"])
                 if st.step is None or n != st.step:
                     now = self._clock()
                     if st.step is None or n > st.step:
@@ -161,6 +172,24 @@ def file_signature(output_dir: Path, limit: int = 5000) -> tuple[int, int, int]:
     return (count, size, newest)
 
 
+def rank_heartbeats(output_dir: Path) -> dict[int, dict]:
+    """Every rank's heartbeat in `output_dir`: {rank: heartbeat}; rank 0 is heartbeat.json."""
+    beats: dict[int, dict] = {}
+    hb = read_heartbeat(output_dir)
+    if hb is not None:
+        beats[0] = hb
+    try:
+        names = [e.name for e in os.scandir(output_dir) if _RANK_FILE.match(e.name)]
+    except OSError:
+        names = []
+    for name in names:
+        rank = int(_RANK_FILE.match(name).group(1))
+        hb = read_heartbeat(output_dir, rank)
+        if hb is not None:
+            beats[rank] = hb
+    return beats
+
+
 @dataclass
 class Stall:
     phase: str
@@ -168,12 +197,19 @@ class Stall:
     idle_s: float
     deadline_s: float
     source: str  # "heartbeat" or "log"
+    rank: int | None = None  # the rank that stopped moving, when the ranks disagree
 
     def describe(self) -> str:
-        return (
-            f"no progress for {self.idle_s:.0f} s in phase '{self.phase}' (step {self.step}); "
-            f"the deadline for this phase is {self.deadline_s:.0f} s"
-        )
+        who = f"rank {self.rank}: " if self.rank is not None else ""
+        return (f"{who}no progress for {self.idle_s:.0f} s in phase '{self.phase}' (step {self.step}); "
+                f"the deadline for this phase is {self.deadline_s:.0f} s")
+
+
+@dataclass
+class _Rank:
+    key: tuple
+    changed: float
+    hb: dict
 
 
 @dataclass
@@ -189,9 +225,7 @@ class ProgressTracker:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self.parser = LogParser(self.clock)
-        now = self.clock()
-        self.last_progress = now
-        self._hb_key = None
+        self.last_progress = self.clock()
         self._log_changes = 0
         self._files = file_signature(self.output_dir)
         self.step_times: deque[float] = deque(maxlen=500)
@@ -201,32 +235,38 @@ class ProgressTracker:
         self._max: dict[str, int] = {}
         self._slow_run = 0
         self._crawl_reported = False
-        self.heartbeat: dict | None = None
+        self.ranks: dict[int, _Rank] = {}
+        self.heartbeat: dict | None = None  # the lowest rank's (heartbeat.json where this machine has rank 0)
         self._last_phase = "loading"
         self.warm = False  # set when attaching to a run already past its first step
 
     def adopt_heartbeat(self) -> None:
-        """Attach mode: count idle time from the heartbeat's own timestamp, not from when we attached."""
-        hb = read_heartbeat(self.output_dir)
-        if hb is None or not isinstance(hb.get("time"), (int, float)):
-            return
-        self.heartbeat = hb
-        self._hb_key = (hb.get("phase"), hb.get("step"), hb.get("time"), hb.get("epoch"))
-        self._last_phase = self.phase
-        self.warm = isinstance(hb.get("step"), int) and hb["step"] > 0
-        self.last_progress = self.clock() - max(0.0, time.time() - hb["time"])
+        """Attach mode: count idle time from the heartbeats' own timestamps, not from when we attached."""
+        for rank, hb in sorted(rank_heartbeats(self.output_dir).items()):
+            if not isinstance(hb.get("time"), (int, float)):
+                continue
+            if rank and not (isinstance(hb.get("pid"), int) and psutil.pid_exists(hb["pid"])):
+                continue  # a rank file left by an earlier run with more processes: nobody beats into it now
+            changed = self.clock() - max(0.0, time.time() - hb["time"])
+            self.ranks[rank] = _Rank(self._key(hb), changed, hb)
+        if self.ranks:
+            self.heartbeat = self.ranks[min(self.ranks)].hb
+            self._last_phase = self.phase
+            self.warm = isinstance(self.heartbeat.get("step"), int) and self.heartbeat["step"] > 0
+            self.last_progress = max(r.changed for r in self.ranks.values())
 
     def feed(self, chunk: bytes) -> None:
         with self._lock:
             self.parser.feed(chunk)
 
     # -- what the run says ---------------------------------------------------------------------
-    def _fresh_heartbeat(self) -> dict | None:
-        hb = read_heartbeat(self.output_dir)
+    @staticmethod
+    def _key(hb: dict) -> tuple:
+        return (hb.get("phase"), hb.get("step"), hb.get("time"), hb.get("epoch"))
+
+    def _fresh(self, hb: dict) -> bool:
         # A heartbeat from an earlier run (or attempt) is older than this launch: ignore it.
-        if hb is None or not isinstance(hb.get("time"), (int, float)) or hb["time"] < self.started_wall - 2.0:
-            return None
-        return hb
+        return isinstance(hb.get("time"), (int, float)) and hb["time"] >= self.started_wall - 2.0
 
     @property
     def phase(self) -> str:
@@ -240,15 +280,25 @@ class ProgressTracker:
             return self.heartbeat["step"]
         return self.parser.state.step
 
+    @property
+    def loss(self) -> float | None:
+        if self.heartbeat is not None and isinstance(self.heartbeat.get("loss"), (int, float)):
+            return float(self.heartbeat["loss"])
+        return self.parser.state.loss
+
+    @property
+    def total_steps(self) -> int | None:
+        return (self.heartbeat or {}).get("total_steps") or self.parser.state.total
+
+    @property
+    def epoch(self) -> int | None:
+        return (self.heartbeat or {}).get("epoch", self.parser.state.epoch)
+
     def advanced(self) -> bool:
         """Did this launch get past the step it resumed from (or, for relative log counters, move at all)?"""
         if self.heartbeat is not None and "hb" in self._max:
             return self._max["hb"] > self.resume_step  # our trainer counts absolute steps
         return "log" in self._max and self._max["log"] > self._first["log"]
-
-    @property
-    def max_step(self) -> int | None:
-        return self._max.get("hb", self._max.get("log"))
 
     def _stepped(self) -> bool:
         return any(self._max[k] > self._first[k] for k in self._max)
@@ -261,16 +311,7 @@ class ProgressTracker:
         with self._lock:
             log_changes = self.parser.state.changes
             step_events, self.parser.step_events = self.parser.step_events, []
-        hb_step = None
-        hb = self._fresh_heartbeat()
-        if hb is not None:
-            self.heartbeat = hb
-            key = (hb.get("phase"), hb.get("step"), hb.get("time"), hb.get("epoch"))
-            if key != self._hb_key:
-                self._hb_key = key
-                self.last_progress = now
-                if isinstance(hb.get("step"), int):
-                    hb_step = (hb["step"], now - max(0.0, time.time() - float(hb["time"])))  # its own time
+        hb_step = self._poll_heartbeats(now)
         if log_changes != self._log_changes:
             self._log_changes = log_changes
             self.last_progress = now
@@ -279,7 +320,7 @@ class ProgressTracker:
             self._last_phase = phase
             self.last_progress = now
             self._last_step = None  # time spent saving/sampling is not step time
-        if phase not in ("training",):
+        if phase != "training":
             sig = file_signature(self.output_dir)
             if sig != self._files:
                 self._files = sig
@@ -291,6 +332,27 @@ class ProgressTracker:
         if hb_step is not None and self._note_step("hb", hb_step[0]) and not self._log_timing:
             events.extend(self._time_heartbeat_step(*hb_step, phase))
         return events
+
+    def _poll_heartbeats(self, now: float) -> tuple[int, float] | None:
+        """Update every rank's last change; returns (step, clock of its write) for the lead heartbeat."""
+        lead_step = None
+        for rank, hb in rank_heartbeats(self.output_dir).items():
+            if not self._fresh(hb):
+                continue
+            key = self._key(hb)
+            seen = self.ranks.get(rank)
+            if seen is not None and seen.key == key:
+                continue
+            self.ranks[rank] = _Rank(key, now, hb)
+            self.last_progress = now
+        if self.ranks:
+            lead = min(self.ranks)
+            hb = self.ranks[lead].hb
+            if hb is not self.heartbeat:
+                self.heartbeat = hb
+                if isinstance(hb.get("step"), int) and self.ranks[lead].changed == now:
+                    lead_step = (hb["step"], now - max(0.0, time.time() - float(hb["time"])))  # its own time
+        return lead_step
 
     def _note_step(self, source: str, step: int) -> bool:
         """Track first/highest step per source; True when `step` is new for that source."""
@@ -330,16 +392,36 @@ class ProgressTracker:
                 "message": (
                     f"training is crawling: the last {self._slow_run} steps took {per_step:.1f} s each, over "
                     f"{self.deadlines.crawl_factor:g}x the median {med:.2f} s (system-memory fallback or swapping?); "
-                    "not stopping it"
-                ),
+                    "not stopping it"),
             }]
         return []
 
     def check(self) -> Stall | None:
+        """A stall when nothing moved for longer than the deadline, or when one rank stopped moving for
+        that long while another still moves. The deadline is the most generous of the ranks' phases
+        (a rank waiting at a barrier while rank 0 saves is not stuck). Never for a stopped run."""
         phase = self.phase
+        live = {r: s for r, s in self.ranks.items() if s.hb.get("phase") not in TERMINAL}
+        if phase == "stopped" or (self.ranks and all(s.hb.get("phase") == "stopped" for s in self.ranks.values())):
+            return None
         warm = self.warm or self._stepped()
-        deadline = self.deadlines.for_phase(phase, list(self.step_times), warm)
-        idle = self.clock() - self.last_progress
+        times = list(self.step_times)
+        phases = {phase} | {s.hb.get("phase") for s in live.values() if isinstance(s.hb.get("phase"), str)}
+        deadline = max(self.deadlines.for_phase(p, times, warm) for p in phases)
+        now = self.clock()
+        idle = now - self.last_progress
+        source = "heartbeat" if self.heartbeat else "log"
         if idle > deadline:
-            return Stall(phase, self.step, idle, deadline, "heartbeat" if self.heartbeat else "log")
+            return Stall(phase, self.step, idle, deadline, source)
+        if len(live) > 1:
+            rank, oldest = min(live.items(), key=lambda kv: kv[1].changed)
+            if now - oldest.changed > deadline:
+                return Stall(oldest.hb.get("phase") or phase, oldest.hb.get("step"), now - oldest.changed,
+                             deadline, "heartbeat", rank=rank)
         return None
+
+    def rank_lines(self) -> list[str]:
+        """One line per rank for the stall report: phase, step, seconds since it last moved, pid."""
+        now = self.clock()
+        return [f"rank {r}: phase {s.hb.get('phase')} step {s.hb.get('step')} pid {s.hb.get('pid')} "
+                f"last moved {now - s.changed:.0f} s ago" for r, s in sorted(self.ranks.items())]
