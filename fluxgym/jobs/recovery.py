@@ -21,10 +21,9 @@ from fluxgym.jobs.states import ACTIVE_STATES
 from fluxgym.jobs.store import Job, JobStore
 from fluxgym.status import HEARTBEAT, checkpoint_validation
 from fluxgym.supervise import ProcessRecord, process_alive
+from fluxgym.supervise.process import PID_FILE, read_pid_file, record_from
 
 log = logging.getLogger(__name__)
-
-PID_FILE = "train.pid"  # written by the supervisor next to the run's output
 
 
 def _recorded(job: Job) -> ProcessRecord | None:
@@ -35,13 +34,9 @@ def _recorded(job: Job) -> ProcessRecord | None:
 
 def _from_pid_file(job: Job) -> ProcessRecord | None:
     """The run's own train.pid, when the worker died between the launch and recording the pid."""
-    try:
-        data = json.loads((Path(job.output_dir) / PID_FILE).read_text(encoding="utf-8"))
-        rec = ProcessRecord(int(data["pid"]), data.get("pgid"), float(data["create_time"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    rec = record_from(read_pid_file(Path(job.output_dir) / PID_FILE))
     # Only a process started after this job was: an older run of the same LoRA is not this job's.
-    if job.started is None or rec.create_time < job.started - 1.0:
+    if rec is None or rec.create_time is None or job.started is None or rec.create_time < job.started - 1.0:
         return None
     return rec
 

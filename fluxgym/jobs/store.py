@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 STORE_DIR = Path("outputs") / ".fluxgym"
 DB_NAME = "jobs.sqlite3"
 BACKUP_SUFFIX = ".bak"
+# Test hook: after N successful writes in this process, every write fails like a full disk does.
+INJECT_FULL_ENV = "FLUXGYM_INJECT_STORE_FULL"
 
 _SCHEMA_V1 = """
 CREATE TABLE jobs (
@@ -206,6 +208,9 @@ class JobStore:
         self._local = threading.local()
         self._backup_lock = threading.Lock()
         self._backup_warned = False
+        self._writes = 0
+        inject = os.environ.get(INJECT_FULL_ENV, "").strip()
+        self._full_after = int(inject) if inject.isdigit() else None
 
     # ------------------------------------------------------------ opening
 
@@ -337,7 +342,10 @@ class JobStore:
             raise _classify(exc, self.path, doing) from None
         try:
             yield conn
+            if self._full_after is not None and self._writes >= self._full_after:
+                raise sqlite3.OperationalError("database or disk is full (injected by FLUXGYM_INJECT_STORE_FULL)")
             conn.execute("COMMIT")
+            self._writes += 1
         except sqlite3.Error as exc:
             self._rollback(conn)
             raise _classify(exc, self.path, doing) from None

@@ -207,7 +207,8 @@ class Worker:
         return RunSpec(argv=launch, cwd=self.root, output_dir=out, output_name=job.lora, env=env,
                        log_path=Path(job.log_file) if job.log_file else None,
                        events_path=Path(job.events_file) if job.events_file else None,
-                       job_id=job.id, blocks_to_swap=job.blocks_to_swap)
+                       job_id=job.id, blocks_to_swap=job.blocks_to_swap,
+                       resume_command=f"python -m fluxgym queue retry {job.id}")
 
     def _start(self, job: Job, slot: str | None, adopt: ProcessRecord | None = None) -> None:
         run = _Run(job.id, slot, None)  # type: ignore[arg-type]
@@ -342,7 +343,8 @@ class Worker:
             return "interrupted"
         if out.state == "stopped":
             return self._end(job, "stopped", phase=None, **progress)
-        lines = [ln for ln in log_tail(Path(job.log_file), 40) if any(w in ln.lower() for w in _ERROR_WORDS)]
+        tail = list(getattr(out, "tail", None) or log_tail(Path(job.log_file), 40))
+        lines = [ln[:300] for ln in tail if any(w in ln.lower() for w in _ERROR_WORDS)]
         return self._end(job, "failed", error=out.error, hint=out.hint, error_lines=lines[-10:], phase="failed",
                          **progress)
 
