@@ -33,8 +33,9 @@ _ERROR_WORDS = ("error", "exception", "traceback", "killed", "out of memory", "h
 @dataclass
 class _Run:
     job_id: int
+    lora: str
     slot: str | None
-    sup: Supervisor
+    sup: Supervisor | None = None
     thread: threading.Thread | None = None
     stopping: bool = False
     closing: bool = False  # stopped because the worker closes (-> interrupted, resumed next start)
@@ -80,7 +81,9 @@ class Worker:
         try:
             self.store = JobStore.open(self.root)
             for job, rec in reconcile(self.store, recover=self.recover):
-                self._start(job, job.gpu if job.gpu in self.slots else self._free_slot(), adopt=rec)
+                free = self._free_slots()
+                # An adopted run keeps its GPU; it may exceed the slots when the worker restarts with fewer.
+                self._start(job, job.gpu if job.gpu in free or not free else free[0], adopt=rec)
         except BaseException:
             self._lock.release()
             raise
@@ -147,16 +150,15 @@ class Worker:
             self._wake.clear()
 
     def _tick(self) -> None:
-        with self._mutex:
-            runs = list(self._runs.values())
-        for run in runs:
-            if run.thread is not None and not run.thread.is_alive():
-                self._finish(run)
-                continue
-            self._flush(run, force=False)
-            self._check_stop_request(run)
-        if not self._closing and self.store_error is None:
-            self._fill_slots()
+        with self._mutex:  # the supervisors' threads write events under the same lock
+            for run in list(self._runs.values()):
+                if run.thread is not None and not run.thread.is_alive():
+                    self._finish(run)
+                    continue
+                self._flush(run, force=False)
+                self._check_stop_request(run)
+            if not self._closing and self.store_error is None:
+                self._fill_slots()
 
     def _guard(self, fn: Callable, *args, **kw):
         """Run a store write; a StoreError is remembered (the worker winds down) instead of raised."""
@@ -169,26 +171,23 @@ class Worker:
             self.store_error = exc
             return None
 
-    def _free_slot(self) -> str | None:
-        used = {r.slot for r in self._runs.values()}
-        for slot in self.slots:
-            if slot not in used:
-                return slot
-        return None if len(used) < len(self.slots) else "__none__"
+    def _free_slots(self) -> list[str | None]:
+        free = list(self.slots)
+        for run in self._runs.values():
+            if run.slot in free:
+                free.remove(run.slot)
+        return free
 
     def _next_job(self) -> Job | None:
-        busy = {self.store.get(i).lora for i in self._runs if self.store.get(i) is not None}
-        return self._guard(self.store.next_queued, busy)
+        return self._guard(self.store.next_queued, {r.lora for r in self._runs.values()})
 
     def _fill_slots(self) -> None:
         while True:
-            with self._mutex:
-                slot = self._free_slot()
-            if slot == "__none__":
-                return
-            job = self._next_job()
+            free = self._free_slots()
+            job = self._next_job() if free else None
             if job is None:
                 return
+            slot = free[0]
             job = self._guard(self.store.transition, job.id, "running", why="launched by the worker",
                               gpu=slot, worker_pid=os.getpid(), phase="launching", pid=None, pgid=None,
                               create_time=None, error=None, hint=None)
@@ -211,7 +210,7 @@ class Worker:
                        resume_command=f"python -m fluxgym queue retry {job.id}")
 
     def _start(self, job: Job, slot: str | None, adopt: ProcessRecord | None = None) -> None:
-        run = _Run(job.id, slot, None)  # type: ignore[arg-type]
+        run = _Run(job.id, job.lora, slot)
         run.sup = self._make_supervisor(self._spec(job, slot), deadlines=self.deadlines, policy=self.policy,
                                         on_event=lambda ev, r=run: self._on_event(r, ev), echo=self.echo)
         resume = job.resume_from
@@ -300,6 +299,8 @@ class Worker:
                       "time": ev.get("time", time.time())}
             fields = {"restarts": job.restarts + 1, "restart_reasons": job.restart_reasons + [reason],
                       "pid": None, "pgid": None, "create_time": None}
+            if ev.get("blocks_to_swap") is not None:
+                fields["blocks_to_swap"] = ev["blocks_to_swap"]
             if job.state in ("running", "stalled"):
                 self.store.transition(job_id, "recovering", why=f"restart: {ev.get('reason')}", **fields)
             else:

@@ -4,6 +4,7 @@ FG_RECORD: json file that receives {"argv": sys.argv[1:], "pid": ..., "cwd": ...
 FG_MODE: ok (write <output_dir>/<output_name>.safetensors, exit 0) | fail (exit 1 after an error line) |
 nolora (exit 0, write nothing) | flood (FG_FLOOD_MB of output, then ok) | spawn (start a grandchild,
 record both pids in FG_PIDS, then sleep until killed) | ignore_term (like spawn, but ignores SIGTERM) |
+oom_once (without --blocks_to_swap in argv: die like a CUDA out-of-memory error; with it: ok) |
 slow (print a step line every 0.2 s for FG_SLEEP seconds, then write a valid empty safetensors LoRA and a
 `done` heartbeat, then linger 1 s like the real trainer's teardown).
 """
@@ -60,6 +61,9 @@ def main():
         for _ in range(int(os.environ.get("FG_FLOOD_MB", "30")) * 1024):
             sys.stdout.buffer.write(line)
         sys.stdout.flush()
+    if mode == "oom_once" and "--blocks_to_swap" not in argv:
+        print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr, flush=True)
+        return 1
     if mode == "slow":
         end = time.time() + float(os.environ.get("FG_SLEEP", "3"))
         while time.time() < end:

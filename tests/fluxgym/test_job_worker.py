@@ -150,3 +150,17 @@ def test_disk_full_on_the_store_while_a_job_runs_keeps_its_output(root, stand_in
     after = store.get(job.id)
     assert after.state == "done" and after.lora_file == str(paths.final_lora)
     assert [h[1] for h in store.history(job.id)].count("running") == 1  # finished, not run again
+
+
+def test_out_of_memory_retry_is_recorded_and_kept_for_a_later_resume(root, stand_in):
+    job, paths = stand_in_job(root, "Big Model")
+    stand_in.setenv("FG_MODE", "oom_once")
+    assert Worker(root, poll=0.2, supervisor_factory=fast).run_until_idle() == 0
+    store = JobStore.open(root)
+    after = store.get(job.id)
+    assert after.state == "done" and after.blocks_to_swap == 6 and after.restarts == 1
+    assert after.restart_reasons[0]["reason"] == "oom"
+    assert "recovering" in [h[1] for h in store.history(job.id)]
+    # Interrupted later: the relaunch keeps the raised block swap instead of dying of OOM again.
+    spec = Worker(root)._spec(after, None)
+    assert spec.argv[-2:] == ["--blocks_to_swap", "6"] and spec.blocks_to_swap == 6
