@@ -11,7 +11,6 @@ Exit codes (each means one thing):
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys

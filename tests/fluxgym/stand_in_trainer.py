@@ -40,7 +40,7 @@ def write_done(argv):
     with open(os.path.join(out_dir, "heartbeat.json"), "w") as f:
         json.dump({"version": 1, "pid": os.getpid(), "phase": "done", "step": 5, "total_steps": 5, "epoch": 1,
                    "total_epochs": 1, "time": time.time(), "phase_started": time.time(), "last_checkpoint": None,
-                   "message": ""}, f)
+                   "message": f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}"}, f)
 
 
 def main():
