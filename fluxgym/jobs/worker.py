@@ -20,7 +20,8 @@ from typing import Callable
 
 from fluxgym.jobs.lock import WorkerLock
 from fluxgym.jobs.recovery import reconcile
-from fluxgym.jobs.store import Job, JobStore, StoreError
+from fluxgym.jobs.schema import Job
+from fluxgym.jobs.store import JobStore, StoreError
 from fluxgym.status import log_tail
 from fluxgym.supervise import Deadlines, ProcessRecord, RestartPolicy, RunSpec, Supervisor
 
