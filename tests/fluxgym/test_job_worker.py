@@ -187,7 +187,7 @@ def test_stall_restart_and_give_up_are_job_transitions(root, stand_in, tmp_path)
 def test_one_job_per_gpu_side_by_side(root, stand_in):
     jobs = [stand_in_job(root, name) for name in ("On Zero", "On One", "Third")]
     stand_in.setenv("FG_MODE", "slow")
-    stand_in.setenv("FG_SLEEP", "1.5")
+    stand_in.setenv("FG_SLEEP", "1.0")
     assert Worker(root, gpus=["0", "1"], poll=0.2, supervisor_factory=fast).run_until_idle() == 0
     store = JobStore.open(root)
     rows = [store.get(job.id) for job, _ in jobs]
