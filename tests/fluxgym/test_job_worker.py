@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -231,3 +233,18 @@ def test_disk_full_on_the_event_file_keeps_the_job_and_its_output(root, stand_in
     assert after.state == "done" and after.lora_file == str(paths.final_lora)  # the store still heard every event
     assert paths.final_lora.read_bytes() == b"stand-in lora"
     assert any("No space left on device" in r.getMessage() and str(events) in r.getMessage() for r in caplog.records)
+
+
+def test_a_store_locked_for_a_while_is_waited_out(root, stand_in):
+    job, _ = stand_in_job(root, "Patient")
+    other = sqlite3.connect(JobStore.path_for(root), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # e.g. a database browser holding the write lock
+    release = threading.Timer(1.5, lambda: (other.execute("ROLLBACK"), other.close()))
+    release.start()
+    t0 = time.monotonic()
+    try:
+        assert Worker(root, poll=0.2, store_timeout=0.2, supervisor_factory=fast).run_until_idle() == 0
+    finally:
+        release.join()
+    assert time.monotonic() - t0 >= 1.5  # it did not give up, nor call the queue empty, while locked
+    assert JobStore.open(root).get(job.id).state == "done"
