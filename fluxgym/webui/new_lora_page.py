@@ -132,7 +132,7 @@ def build(root: Path) -> None:
             uploads = gr.File(label="Upload your images (and optional .txt captions)", file_count="multiple",
                               file_types=["image", ".txt"], elem_id="uploads")
             c["images_dir"] = gr.Textbox(label="...or a folder of images on the server", elem_id="images_dir")
-            captions = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], col_count=(2, "fixed"),
+            captions = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], column_count=(2, "fixed"),
                                     interactive=True, label="Captions (one per image; edit the right column)",
                                     elem_id="captions")
         with gr.Column(scale=1):
