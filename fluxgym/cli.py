@@ -1,7 +1,8 @@
-"""`python -m fluxgym`: prepare, generate, train, resume, stop, status, models, demo.
+"""`python -m fluxgym`: prepare, generate, train, resume, stop, status, models, demo, queue, worker.
 
-Parsing only; the work is in prepare/generate/runner/status/models/demo. Exit codes: 0 ok, 1 the run
-failed, 2 bad input or usage (message names the option or file), 3 nothing to act on.
+Parsing only; the work is in prepare/generate/runner/status/models/demo (queue/worker: fluxgym/jobs/cli.py,
+which lists two more codes). Exit codes: 0 ok, 1 the run failed, 2 bad input or usage (message names the
+option or file), 3 nothing to act on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from fluxgym import __version__
 from fluxgym.generate import REPO_ROOT, GenerateOptions, generate
+from fluxgym.jobs.cli import add_job_parsers, run_queue, run_worker
 from fluxgym.models import ModelError
 from fluxgym.naming import LoraNameError, check_claim, claim_slug, project_paths, resolve_existing
 from fluxgym.prepare import DatasetError, prepare_dataset
@@ -40,6 +42,11 @@ def _add_common(p: argparse.ArgumentParser, name: bool = True) -> None:
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="write outputs/<name>/train.sh, train.bat, dataset.toml, sample_prompts.txt")
     _add_common(g)
+    _add_generate_options(g)
+
+
+def _add_generate_options(g: argparse.ArgumentParser) -> None:
+    """The options of `generate`, shared with `queue add`."""
     g.add_argument("--vram", required=True, choices=preset_names(), help="VRAM preset (see README)")
     g.add_argument("--trigger", help="trigger word/sentence (class_tokens); default: NAME")
     g.add_argument("--base-model", default="flux-dev", help="models.yaml key or a DiT file path (default flux-dev)")
@@ -93,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build the embedded demo: tiny models, dataset, outputs/demo/train.sh")
     _add_common(d, name=False)
     d.add_argument("--force", action="store_true", help="rebuild the tiny models even if present")
+    add_job_parsers(sub, _add_common, _add_generate_options)
     # `ui` has its own parser (fluxgym.webui.server); listed here so --help shows it.
     sub.add_parser("ui", help="web UI + JSON API (python -m fluxgym ui --help)", add_help=False)
     return parser
@@ -108,14 +116,17 @@ def _cmd_prepare(a, root: Path) -> int:
     return EXIT_OK
 
 
-def _cmd_generate(a, root: Path) -> int:
-    opts = GenerateOptions(
+def _generate_options(a, root: Path) -> GenerateOptions:
+    return GenerateOptions(
         name=a.name, vram=a.vram, root=root, trigger=a.trigger, base_model=a.base_model, epochs=a.epochs,
         save_every=a.save_every, repeats=a.repeats, resolution=a.resolution, lr=a.lr, rank=a.rank, seed=a.seed,
         workers=a.workers, sample_prompts=a.sample_prompts, sample_every=a.sample_every, resume=a.resume,
         checkpointing=not a.no_checkpointing, extra=list(a.extra), trainer_script=a.trainer_script,
         launcher=a.launcher)
-    res = generate(opts)
+
+
+def _cmd_generate(a, root: Path) -> int:
+    res = generate(_generate_options(a, root))
     for f in res.files.values():
         print(f"wrote {f}")
     print(f"expected training steps: {res.expected_steps} (images x repeats x epochs, batch size 1)")
@@ -209,7 +220,7 @@ def _cmd_demo(a, root: Path) -> int:
 
 COMMANDS = {"prepare": _cmd_prepare, "generate": _cmd_generate, "train": lambda a, r: _run(a, r, []),
             "resume": _cmd_resume, "stop": _cmd_stop, "status": _cmd_status, "models": _cmd_models,
-            "demo": _cmd_demo}
+            "demo": _cmd_demo, "queue": lambda a, r: run_queue(a, r, _generate_options), "worker": run_worker}
 
 
 def main(argv: list[str] | None = None) -> int:

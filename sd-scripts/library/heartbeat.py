@@ -1,8 +1,9 @@
 """Heartbeat file: where the trainer is, written so a monitor can read it at any moment.
 
-Responsibilities: keep the current phase/step/epoch in memory, write it to
+Responsibilities: keep the current phase/step/epoch (and the last loss) in memory, write it to
 `OUTPUT_DIR/heartbeat.json` atomically (temp file + os.replace) on every phase change and step,
-and read it back for tools. Stdlib only (the monitor imports it); I/O errors are logged once and
+and read it back for tools. Every rank writes its own file: global rank 0 `heartbeat.json`, rank N
+`heartbeat-rank<N>.json`, so a supervisor on any machine can see each of its ranks move. Stdlib only (the monitor imports it); I/O errors are logged once and
 never raised, because losing a heartbeat must never stop training.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 FILE_NAME = "heartbeat.json"
+RANK_FILE_NAME = "heartbeat-rank{rank}.json"  # global ranks other than 0
 VERSION = 1
 PHASES = ("loading", "caching_latents", "caching_text", "training", "sampling", "saving", "done", "failed")
 
@@ -31,11 +33,12 @@ class Heartbeat:
     checkpoints, failed() and done() always write.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, *, pid: int | None = None, min_interval: float = 0.0):
-        self.path = Path(output_dir) / FILE_NAME
+    def __init__(self, output_dir: str | os.PathLike, *, pid: int | None = None, min_interval: float = 0.0,
+                 rank: int = 0):
+        self.path = Path(output_dir) / file_name_for_rank(rank)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            for stale in self.path.parent.glob(f".{FILE_NAME}.tmp-*"):  # left by a run killed mid-write
+            for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):  # left by a run killed mid-write
                 stale.unlink()
         except OSError:
             pass  # reported by the first write instead
@@ -47,6 +50,7 @@ class Heartbeat:
         self._state: dict[str, Any] = {
             "version": VERSION,
             "pid": int(pid if pid is not None else os.getpid()),
+            "rank": int(rank),
             "phase": "loading",
             "step": 0,
             "total_steps": 0,
@@ -55,6 +59,7 @@ class Heartbeat:
             "time": now,
             "phase_started": now,
             "last_checkpoint": None,
+            "loss": None,
             "message": "",
         }
 
@@ -67,8 +72,11 @@ class Heartbeat:
             raise ValueError(f"heartbeat phase {name!r} is not one of {', '.join(PHASES)}")
         self._update(phase=name, phase_started=time.time(), message=message)
 
-    def step(self, step: int, epoch: int) -> None:
-        self._update(step=int(step), epoch=int(epoch), _throttle=True)
+    def step(self, step: int, epoch: int, loss: float | None = None) -> None:
+        changes: dict[str, Any] = {"step": int(step), "epoch": int(epoch)}
+        if loss is not None:
+            changes["loss"] = float(loss)  # the step's own loss, for UIs that plot it without the console
+        self._update(_throttle=True, **changes)
 
     def checkpoint(self, path: str | os.PathLike) -> None:
         self._update(last_checkpoint=str(path))
@@ -98,7 +106,7 @@ class Heartbeat:
     def _write_locked(self) -> None:
         # Same directory as the target so os.replace is an atomic rename; pid in the name so two
         # processes sharing an output dir (DDP misconfiguration) never write into each other's temp.
-        tmp = self.path.with_name(f".{FILE_NAME}.tmp-{os.getpid()}")
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         try:
             data = memoryview(json.dumps(self._state, sort_keys=True).encode("utf-8"))
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # no buffered-file layer: ~2x cheaper
@@ -114,9 +122,13 @@ class Heartbeat:
                 logger.warning("could not write heartbeat file %s: %s (training continues)", self.path, e)
 
 
-def read_heartbeat(output_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The last heartbeat written in `output_dir`, or None when missing or unreadable."""
-    path = Path(output_dir) / FILE_NAME
+def file_name_for_rank(rank: int) -> str:
+    return FILE_NAME if int(rank) == 0 else RANK_FILE_NAME.format(rank=int(rank))
+
+
+def read_heartbeat(output_dir: str | os.PathLike, rank: int = 0) -> dict[str, Any] | None:
+    """The last heartbeat rank `rank` wrote in `output_dir`, or None when missing or unreadable."""
+    path = Path(output_dir) / file_name_for_rank(rank)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

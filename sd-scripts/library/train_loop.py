@@ -109,7 +109,7 @@ def attention_mask(trainer, t5_mask: torch.Tensor, image_tokens: int) -> dict | 
 def training_step(trainer, batch: dict) -> float:
     from library.flux_packing import image_ids, pack_latents, unpack_latents
 
-    inject_point("step")
+    inject_point("step", step=trainer.pos.step + 1, blocks_to_swap=trainer.s.run.blocks_to_swap)
     s, device, dtype = trainer.s, trainer.device, trainer.weight_dtype
     latents = batch["latents"].to(device, dtype)
     b, _, h, w = latents.shape
@@ -244,7 +244,7 @@ def run_training_loop(trainer) -> None:
         bar.update(1)
         bar.set_postfix(avr_loss=sum(recent_losses) / len(recent_losses))
         trainer.record_loss(loss)
-        trainer.heartbeat.step(pos.step, pos.epoch + 1)
+        trainer.heartbeat.step(pos.step, pos.epoch + 1, loss=loss)
         trainer.guards.progress()
         after_step(trainer)
         if pos.batch_in_epoch >= trainer.batches_per_epoch:

@@ -33,7 +33,7 @@ def _is_cache_timeout(exc: BaseException) -> bool:
 
 
 class _SilentHeartbeat:
-    """Heartbeat stand-in for ranks other than the main one."""
+    """Heartbeat stand-in that writes nothing (tools/benchmark.py times the loop without heartbeats)."""
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
@@ -98,10 +98,10 @@ class FluxLoRATrainer:
             # A run killed between the two renames that replace NAME-state gets that checkpoint back.
             for leftover in atomic_io.cleanup_leftovers(out, is_complete=checkpoint_validation.is_complete_staged):
                 log.warning("removed an unfinished checkpoint left by a killed run: %s", leftover)
-        # One heartbeat per run: the main process speaks for all ranks (its pid owns the process tree).
+        # Every rank beats into its own file (heartbeat.json for rank 0): a supervisor sees a rank that froze.
         # Step updates are throttled to two a second (phase changes always write): a monitor needs no more,
         # and a write per step is measurable on fast small-model steps.
-        self.heartbeat = Heartbeat(out, min_interval=0.5) if self.is_main else _SilentHeartbeat()
+        self.heartbeat = Heartbeat(out, min_interval=0.5, rank=self.accelerator.process_index)
         self.guards = HangGuards(out, self.heartbeat, stall_dump_timeout=self.s.guards.stall_dump_timeout,
                                  position=lambda: {"phase": self.phase, **self.pos.as_dict()})
         self.set_phase("loading", "loading models")
