@@ -124,10 +124,17 @@ def job_view(root: Path, job) -> dict:
     lora = d.get("lora_file")
     d["lora_exists"] = bool(lora) and Path(lora).is_file()
     d["success"] = d["state"] == "done" and d["lora_exists"]
-    reasons = d.get("restart_reasons") or []
-    d["restarts_text"] = "; ".join(REASONS.get(r.get("reason") if isinstance(r, dict) else r, str(r))
-                                   for r in reasons) if reasons else ""
+    d["restarts_text"] = "; ".join(_reason_words(r) for r in d.get("restart_reasons") or [])
     return d
+
+
+def _reason_words(r) -> str:
+    if not isinstance(r, dict):
+        return REASONS.get(str(r), str(r))
+    text = REASONS.get(r.get("reason"), str(r.get("reason")))
+    if r.get("at_step") is not None:
+        text += f" at step {r['at_step']}"
+    return text + (f" ({r['detail']})" if r.get("detail") else "")
 
 
 def list_jobs(root: Path) -> list[dict]:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -113,8 +114,12 @@ class UIServer:
 
 
 @pytest.fixture(scope="session")
-def artifacts_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ui-artifacts")
+def artifacts_dir() -> Path:
+    """Screenshots, the server log and timings; outside pytest's rotating tmp folders so they stay."""
+    d = Path(os.environ.get("FLUXGYM_UI_ARTIFACTS") or Path(tempfile.gettempdir()) / "fluxgym-ui-artifacts")
+    d.mkdir(parents=True, exist_ok=True)
+    for old in d.glob("*.png"):
+        old.unlink()
     print(f"\n[ui tests] screenshots and logs are written to {d}")
     return d
 

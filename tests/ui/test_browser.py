@@ -17,6 +17,7 @@ import pytest
 from conftest import CHROMIUM_ARGS, UIServer, free_port
 
 TIMEOUT_MS = 120_000
+LATENCY: list[float] = []  # GET /api/jobs round trips while a job runs (reported, not asserted: see README)
 
 
 def _api(server: UIServer, path: str) -> dict:
@@ -28,8 +29,11 @@ def _wait_job(server: UIServer, pred, what: str, timeout: float = 120) -> dict:
     t0 = time.monotonic()
     job = None
     while time.monotonic() - t0 < timeout:
+        t1 = time.monotonic()
         jobs = _api(server, "/api/jobs")["jobs"]
         job = jobs[0] if jobs else None
+        if job and job["state"] == "running":
+            LATENCY.append(time.monotonic() - t1)
         if job and pred(job):
             return job
         time.sleep(0.3)
@@ -103,6 +107,7 @@ def test_train_stop_resume_recover_finish(demo_setup, chromium_path, artifacts_d
             expect(page.locator("#start_result")).to_contain_text("queued")
             page.screenshot(path=str(artifacts_dir / "new_lora.png"), full_page=True)
 
+            timings["form_to_queued_s"] = time.monotonic() - t0
             page.get_by_role("tab", name="Jobs").click()
             job = _wait_job(server, lambda j: (j["step"] or 0) > 0 and j["state"] == "running", "training steps")
             expect(page.locator("#job_summary")).to_contain_text("running")
@@ -115,12 +120,14 @@ def test_train_stop_resume_recover_finish(demo_setup, chromium_path, artifacts_d
             # Resume (auto: newest checkpoint or fresh), then crash the UI during the resumed run.
             page.locator("#job_resume").click()
             _wait_job(server, lambda j: j["state"] == "running" and j["pid"], "resumed run")
+            timings["until_resumed_s"] = time.monotonic() - t0
             server.kill()
             timings["restart_s"] = server.start()
             recovered = _api(server, "/api/jobs")["jobs"][0]
             assert recovered["state"] in ("running", "done"), recovered  # adopted, not lost or duplicated
             done = _wait_job(server, lambda j: j["state"] not in ("running", "queued", "recovering"), "the end")
             assert done["state"] == "done" and done["success"] and done["lora_file"], done
+            timings["until_done_s"] = time.monotonic() - t0
             # The page that was open through the crash recovers on its own: Gradio reloads it once when
             # the new server answers, then it stays (no reload loop) and shows the real state.
             page.locator("#start_training").wait_for(state="attached")
@@ -143,6 +150,10 @@ def test_train_stop_resume_recover_finish(demo_setup, chromium_path, artifacts_d
             browser.close()
     finally:
         server.stop()
+        if LATENCY:
+            lat = sorted(LATENCY)
+            timings["api_jobs_while_training_ms"] = {"n": len(lat), "median": round(lat[len(lat) // 2] * 1000, 1),
+                                                     "max": round(lat[-1] * 1000, 1)}
         (artifacts_dir / "timings.json").write_text(json.dumps(timings, indent=2))
         print(f"\n[ui tests] timings: {timings}")
 
