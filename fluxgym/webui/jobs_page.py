@@ -118,7 +118,7 @@ def build_jobs(root: Path) -> gr.Timer:
 
     outs = [table, job_dd, ckpt_dd, summary, loss, gallery, log]
     timer.tick(tick, job_dd, outs, show_progress="hidden")
-    job_dd.change(tick, job_dd, outs, show_progress="hidden")
+    job_dd.input(tick, job_dd, outs, show_progress="hidden")  # user choice only: tick sets it too
 
     def run(action):
         def fn(selected, ckpt, confirmed=True):
@@ -182,7 +182,7 @@ def build_checkpoints(root: Path) -> None:
 
     outs = [job_dd, table, ckpt_dd, lora_file]
     refresh.click(load, job_dd, outs)
-    job_dd.change(load, job_dd, outs)
+    job_dd.input(load, job_dd, outs)
 
     def do_resume(selected, ckpt):
         try:

@@ -137,6 +137,9 @@ def test_train_stop_resume_recover_finish(demo_setup, chromium_path, artifacts_d
             expect(page.locator("#job_summary")).to_contain_text("Training complete")
             expect(page.locator("#job_summary")).to_contain_text("browser-lora.safetensors")
             expect(page.locator("#samples img").first).to_be_visible()
+            sample = _api(server, "/api/jobs/1/samples")["samples"][0]
+            with urllib.request.urlopen(server.url + sample["url"], timeout=10) as r:
+                assert r.read(8) == b"\x89PNG\r\n\x1a\n"  # the API serves the sample the gallery shows
             assert len(loads) == n_loads, "the page kept reloading after the server came back"
             t0 = time.monotonic()
             _api(server, "/api/jobs")
@@ -146,6 +149,8 @@ def test_train_stop_resume_recover_finish(demo_setup, chromium_path, artifacts_d
             page.get_by_role("tab", name="Checkpoints").click()
             expect(page.locator("#ckpt_table")).to_contain_text("browser-lora.safetensors")
             expect(page.locator("#ckpt_table")).to_contain_text("state")
+            expect(page.locator("#ckpt_lora_files")).to_contain_text("browser-lora.safetensors")
+            page.wait_for_timeout(800)  # let the second render of the tab settle before the screenshot
             page.screenshot(path=str(artifacts_dir / "checkpoints.png"), full_page=True)
             browser.close()
     finally:
