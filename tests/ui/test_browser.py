@@ -109,17 +109,20 @@ def test_train_stop_resume_recover_finish(demo_setup, chromium_path, artifacts_d
 
             timings["form_to_queued_s"] = time.monotonic() - t0
             page.get_by_role("tab", name="Jobs").click()
-            job = _wait_job(server, lambda j: (j["step"] or 0) > 0 and j["state"] == "running", "training steps")
+            job = _wait_job(server, lambda j: j["state"] == "running" and j["pid"], "the run to start")
             expect(page.locator("#job_summary")).to_contain_text("running")
             expect(page.locator("#jobs_table")).to_contain_text("browser-lora")
             # Stop (confirmed in a dialog): the worker ends the whole tree, the page shows it.
             page.locator("#job_stop").click()
             _wait_job(server, lambda j: j["state"] == "stopped", "stopped")
             expect(page.locator("#job_summary")).to_contain_text("every process of this run has ended")
-            assert job["pid"] is None or not _alive(job["pid"])
-            # Resume (auto: newest checkpoint or fresh), then crash the UI during the resumed run.
+            assert not _alive(job["pid"]), "the stopped run's process is still alive"
+            # Resume (auto: the newest checkpoint, or fresh), watch the steps advance on the page,
+            # then crash the UI during the resumed run.
             page.locator("#job_resume").click()
-            _wait_job(server, lambda j: j["state"] == "running" and j["pid"], "resumed run")
+            first = _wait_job(server, lambda j: j["state"] == "running" and (j["step"] or 0) > 0, "training steps")
+            expect(page.locator("#job_summary")).to_contain_text(re.compile(r"step [1-9]\d*/16"))
+            _wait_job(server, lambda j: (j["step"] or 0) > first["step"], "the step count to advance")
             timings["until_resumed_s"] = time.monotonic() - t0
             server.kill()
             timings["restart_s"] = server.start()
@@ -149,7 +152,7 @@ def test_train_stop_resume_recover_finish(demo_setup, chromium_path, artifacts_d
             page.get_by_role("tab", name="Checkpoints").click()
             expect(page.locator("#ckpt_table")).to_contain_text("browser-lora.safetensors")
             expect(page.locator("#ckpt_table")).to_contain_text("state")
-            expect(page.locator("#ckpt_lora_files")).to_contain_text("browser-lora.safetensors")
+            expect(page.locator("#ckpt_lora_files")).to_contain_text(re.compile(r"browser-lora\s*\.safetensors"))
             page.wait_for_timeout(800)  # let the second render of the tab settle before the screenshot
             page.screenshot(path=str(artifacts_dir / "checkpoints.png"), full_page=True)
             browser.close()
