@@ -130,7 +130,7 @@ def build(root: Path) -> None:
         with gr.Column(scale=1):
             gr.Markdown("### Step 2. Dataset")
             uploads = gr.File(label="Upload your images (and optional .txt captions)", file_count="multiple",
-                              file_types=["image", ".txt"], elem_id="uploads")
+                              file_types=["image", ".txt"], elem_id="uploads", height=280)
             c["images_dir"] = gr.Textbox(label="...or a folder of images on the server", elem_id="images_dir")
             captions = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], column_count=(2, "fixed"),
                                     interactive=True, label="Captions (one per image; edit the right column)",
