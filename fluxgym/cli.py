@@ -22,6 +22,7 @@ from fluxgym.models import ModelError
 from fluxgym.naming import LoraNameError, check_claim, claim_slug, project_paths, resolve_existing
 from fluxgym.prepare import DatasetError, prepare_dataset
 from fluxgym.presets import PresetError, preset_names
+from fluxgym.supervise.options import add_deadline_flags, deadlines_from
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING = 0, 1, 2, 3
@@ -84,15 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
                       ("resume", "continue from the newest valid checkpoint (or start fresh)")):
         t = sub.add_parser(cmd, help=text)
         _add_common(t)
-        t.add_argument("--grace", type=float, default=10.0, help="seconds between TERM and KILL on Ctrl-C")
+        t.add_argument("--grace", type=float, default=10.0, help="seconds between TERM and KILL when ending the run")
         t.add_argument("--quiet", action="store_true", help="do not echo the trainer output (the log file has it)")
+        t.add_argument("--no-auto-resume", action="store_true",
+                       help="after a stall, crash or out-of-memory death, stop instead of resuming from the "
+                       "newest valid state")
+        add_deadline_flags(t)
     s = sub.add_parser("stop", help="end a running training and its whole process tree")
     _add_common(s)
     s.add_argument("--grace", type=float, default=10.0, help="seconds between TERM and KILL")
-    st = sub.add_parser("status", help="phase, step, epoch, last checkpoint, last log lines")
+    st = sub.add_parser("status", help="state, phase, step, loss, last checkpoint, restarts, recent events")
     _add_common(st)
     st.add_argument("--json", action="store_true")
-    st.add_argument("--lines", type=int, default=10)
+    st.add_argument("--lines", type=int, default=10, help="recent events shown (default 10)")
     m = sub.add_parser("models", help="list models.yaml entries or download one")
     m.add_argument("action", choices=("list", "download"))
     m.add_argument("key", nargs="?")
@@ -137,19 +142,24 @@ def _cmd_generate(a, root: Path) -> int:
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # the runner answers it by ending the whole training tree
+    raise KeyboardInterrupt  # the supervisor answers it by ending the whole training tree
 
 
 def _run(a, root: Path, extra: list[str]) -> int:
     from fluxgym.runner import run_training
+    from fluxgym.supervise import RestartPolicy
 
     paths = resolve_existing(root, a.name)
+    if a.max_restarts < 0:
+        raise ValueError(f"--max-restarts {a.max_restarts}: must be 0 or more")
+    policy = RestartPolicy(auto_resume=not a.no_auto_resume, max_restarts=a.max_restarts)
     # The trainer runs in its own session, so a TERM/HUP meant for us would leave it running unsupervised
     # (and writing into a pipe nobody reads): treat them like Ctrl-C.
     sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
     old = {s: signal.signal(s, _interrupt) for s in sigs}
     try:
-        res = run_training(paths, extra, echo=None if a.quiet else sys.stdout, grace=a.grace)
+        res = run_training(paths, extra, echo=None if a.quiet else sys.stdout, grace=a.grace,
+                           deadlines=deadlines_from(a), policy=policy)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

@@ -1,4 +1,4 @@
-"""What a run is doing, from files only: heartbeat.json, the pid file, last_run.json and the log tail.
+"""What a run is doing, from files only: events.jsonl, the heartbeats and the supervisor's pid file.
 
 Also the bridge to the shared checkpoint validation (`sd-scripts/library/checkpoint_validation.py`,
 the same code `tools/find_checkpoint.py` and the trainer use) for `resume`. Stdlib + psutil only.
@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 import time
 from pathlib import Path
 
+from fluxgym._paths import use_sd_scripts
 from fluxgym.naming import ProjectPaths
-from fluxgym.proctree import leader_alive, read_pid_file
-from fluxgym.runner import LAST_RUN, LOG_FILE, PID_FILE
+from fluxgym.runner import EVENTS_FILE, LAST_RUN, LOG_FILE
+from fluxgym.supervise.events import tail_events
+from fluxgym.supervise.progress import read_heartbeat
+from fluxgym.supervise.process import running
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 HEARTBEAT = "heartbeat.json"
+VERDICTS = {"done": "succeeded", "failed": "failed", "stopped": "stopped"}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -29,7 +31,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def log_tail(path: Path, lines: int = 10, max_bytes: int = 65536) -> list[str]:
-    """Last non-empty lines of a log; tqdm's `\\r` updates count as lines."""
+    """Last non-empty lines of a log; tqdm's `\\r` updates count as lines (for error reports, not status)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
@@ -44,9 +46,7 @@ def log_tail(path: Path, lines: int = 10, max_bytes: int = 65536) -> list[str]:
 
 def checkpoint_validation():
     """The shared validation module from this repository's sd-scripts (stdlib only)."""
-    sd = str(REPO_ROOT / "sd-scripts")
-    if sd not in sys.path:
-        sys.path.insert(0, sd)
+    use_sd_scripts()
     return importlib.import_module("library.checkpoint_validation")
 
 
@@ -55,26 +55,47 @@ def newest_valid_state(paths: ProjectPaths):
     return checkpoint_validation().newest_valid_state(paths.output_dir, output_name=paths.slug)
 
 
+def _describe(ev: dict) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(ev.get("time", 0)))
+    return f"{stamp} {ev.get('message') or ev.get('event')}"
+
+
 def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
-    hb = _read_json(paths.out(HEARTBEAT))
-    pid_info = read_pid_file(paths.out(PID_FILE))
-    running = bool(pid_info and leader_alive(pid_info))
-    last = _read_json(paths.out(LAST_RUN))
-    if running:
+    """State, phase, step, loss and speed, last checkpoint, restarts and the last events of this LoRA's run."""
+    events = tail_events(paths.out(EVENTS_FILE))
+    run_id = events[-1].get("run") if events else None
+    mine = [e for e in events if e.get("run") == run_id]
+    last = {e["event"]: e for e in mine}  # the last event of each kind in the newest run
+    verdict = next((e for e in reversed(mine) if e["event"] in VERDICTS), None)
+    live = running(paths.output_dir)
+    last_run = _read_json(paths.out(LAST_RUN))
+    if live is not None:
         state = "running"
-    elif last is not None:
-        state = "succeeded" if last.get("success") else ("stopped" if last.get("stopped") else "failed")
-    elif pid_info:
+    elif verdict is not None:
+        state = VERDICTS[verdict["event"]]
+    elif mine and mine[-1]["event"] != "done":
         state = "ended (no verdict recorded: the supervising process died)"
+    elif last_run is not None:  # a run from before events existed
+        state = "succeeded" if last_run.get("success") else ("stopped" if last_run.get("stopped") else "failed")
     else:
         state = "not started"
-    out = {"name": paths.slug, "state": state, "pid": pid_info["pid"] if running else None,
-           "phase": None, "step": None, "total_steps": None, "epoch": None, "total_epochs": None,
-           "last_checkpoint": None, "heartbeat_age_s": None, "message": None,
-           "last_run": last, "log_tail": log_tail(paths.out(LOG_FILE), lines)}
-    if hb:
-        for key in ("phase", "step", "total_steps", "epoch", "total_epochs", "last_checkpoint", "message"):
-            out[key] = hb.get(key)
+    step_ev = last.get("step", {})
+    out = {"name": paths.slug, "state": state, "pid": (live or {}).get("pid") if live else None,
+           "phase": (last.get("phase") or {}).get("phase"), "step": step_ev.get("step"),
+           "total_steps": step_ev.get("total_steps"), "epoch": step_ev.get("epoch"), "total_epochs": None,
+           "loss": step_ev.get("loss"), "it_per_s": step_ev.get("it_per_s"), "eta_s": step_ev.get("eta_s"),
+           "last_checkpoint": (last.get("checkpoint") or {}).get("path"), "heartbeat_age_s": None, "message": None,
+           "restarts": [{k: e.get(k) for k in ("reason", "detail", "blocks_to_swap", "time")}
+                        for e in mine if e["event"] == "restart"],
+           "error": (verdict or {}).get("error"), "hint": (verdict or {}).get("hint"),
+           "lora_file": (verdict or {}).get("lora_file"), "last_run": last_run,
+           "events": [_describe(e) for e in mine if e["event"] != "step"][-lines:] if lines > 0 else [],
+           "log_file": str(paths.out(LOG_FILE))}
+    hb = read_heartbeat(paths.output_dir)
+    if hb:  # the trainer's own word is fresher than the last (throttled) step event
+        for key in ("phase", "step", "total_steps", "epoch", "total_epochs", "last_checkpoint", "message", "loss"):
+            if hb.get(key) is not None:
+                out[key] = hb[key]
         if isinstance(hb.get("time"), (int, float)):
             out["heartbeat_age_s"] = round(time.time() - hb["time"], 1)
     return out
@@ -86,13 +107,28 @@ def format_status(st: dict) -> str:
         age = f", heartbeat {st['heartbeat_age_s']:.0f} s ago" if st["heartbeat_age_s"] is not None else ""
         lines.append(f"phase: {st['phase']}{age}")
         lines.append(f"step: {st['step']}/{st['total_steps']}  epoch: {st['epoch']}/{st['total_epochs']}")
+        extra = []
+        if st["loss"] is not None:
+            extra.append(f"loss {st['loss']:.4g}")
+        if st["it_per_s"]:
+            extra.append(f"{st['it_per_s']:.3g} it/s")
+        if st["eta_s"] is not None and st["state"] == "running":
+            extra.append(f"about {st['eta_s'] / 60:.0f} min left")
+        if extra:
+            lines.append(", ".join(extra))
         if st["message"]:
             lines.append(f"message: {st['message']}")
     lines.append(f"last checkpoint: {st['last_checkpoint'] or 'none'}")
-    if st["last_run"] and st["state"] != "running":
-        lr = st["last_run"]
-        lines.append(f"last run: exit code {lr.get('exit_code')}, LoRA: {lr.get('lora') or 'not written'}")
-    if st["log_tail"]:
-        lines.append("log:")
-        lines += [f"  {line}" for line in st["log_tail"]]
+    if st["restarts"]:
+        lines.append(f"restarts: {len(st['restarts'])} (" + ", ".join(r["reason"] for r in st["restarts"]) + ")")
+    if st["state"] == "succeeded" and st["lora_file"]:
+        lines.append(f"LoRA: {st['lora_file']}")
+    if st["error"] and st["state"] != "running":
+        lines.append(f"error: {st['error']}")
+    if st["hint"] and st["state"] != "running":
+        lines.append(st["hint"])
+    if st["events"]:
+        lines.append("recent events:")
+        lines += [f"  {line}" for line in st["events"]]
+    lines.append(f"log: {st['log_file']}")
     return "\n".join(lines)

@@ -233,9 +233,9 @@ def _save_t5_tokenizer(target: Path) -> None:
 
 
 def _save_clip_tokenizer(target: Path) -> None:
-    sd_scripts = str(Path(__file__).resolve().parents[1] / "sd-scripts")
-    if sd_scripts not in sys.path:  # library.* imports are absolute from sd-scripts/, as in the trainer
-        sys.path.append(sd_scripts)
+    from fluxgym._paths import use_sd_scripts
+
+    use_sd_scripts()  # library.* imports are absolute from sd-scripts/, as in the trainer
     from library.flux_tokenizers import build_clip_tokenizer_from_bpe
 
     tok = build_clip_tokenizer_from_bpe()

@@ -23,18 +23,20 @@ from pathlib import Path
 
 T_START = time.monotonic()
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "sd-scripts"))
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "sd_scripts"))
+if str(REPO) not in sys.path:  # entry script: the repository root, once; fluxgym._paths does the rest
+    sys.path.insert(0, str(REPO))
+from fluxgym._paths import use_sd_scripts  # noqa: E402
+
+use_sd_scripts()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build_trainer(work: Path, width: str):
     from flux_train_network import setup_parser
     from fluxgym.tiny_flux import build_tiny_models
+    from fluxgym.tiny_training import make_dataset, trainer_args
     from library.settings import settings_from_args
     from library.trainer import FluxLoRATrainer
-    from train_helpers import make_dataset, trainer_args
 
     models = build_tiny_models(work / "models", seed=0, width=width)
     size = 64 if width == "tiny" else 128

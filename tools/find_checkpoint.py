@@ -17,10 +17,13 @@ import shlex
 import sys
 from pathlib import Path
 
-_SD = Path(__file__).resolve().parents[1] / "sd-scripts"
-if str(_SD) not in sys.path:
-    sys.path.insert(0, str(_SD))
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:  # entry script: the repository root, once; fluxgym._paths does the rest
+    sys.path.insert(0, _REPO)
 
+from fluxgym._paths import use_sd_scripts  # noqa: E402
+
+use_sd_scripts()
 from library import atomic_io  # noqa: E402
 from library.checkpoint_validation import (  # noqa: E402
     CheckpointInfo,

@@ -5,7 +5,8 @@ stdlib; `fluxgym.jobs.worker` also imports the supervisor.
 """
 
 from fluxgym.jobs.states import ACTIVE_STATES, JOB_STATES, TRANSITIONS, IllegalTransition
-from fluxgym.jobs.store import (Job, JobStore, StoreCorruptError, StoreError, StoreFullError, StoreLockedError)
+from fluxgym.jobs.schema import Job
+from fluxgym.jobs.store import JobStore, StoreCorruptError, StoreError, StoreFullError, StoreLockedError
 
 __all__ = ["ACTIVE_STATES", "JOB_STATES", "TRANSITIONS", "IllegalTransition", "Job", "JobStore", "StoreError",
            "StoreCorruptError", "StoreFullError", "StoreLockedError"]

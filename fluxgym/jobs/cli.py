@@ -11,13 +11,14 @@ Exit codes (each means one thing):
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+from fluxgym.supervise.options import add_deadline_flags, deadlines_from
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING, EXIT_BUSY, EXIT_STORE = 0, 1, 2, 3, 4, 5
 LIST_KEYS = ("id", "lora", "state", "phase", "step", "total_steps", "epoch", "last_checkpoint", "lora_file",
@@ -55,6 +56,7 @@ def add_job_parsers(sub, add_common: Callable, add_generate_options: Callable) -
                    help="leave jobs a crash interrupted as `interrupted` instead of resuming them")
     w.add_argument("--grace", type=float, default=10.0, help="seconds between TERM and KILL when ending a run")
     w.add_argument("--echo", action="store_true", help="copy the trainers' output to this console")
+    add_deadline_flags(w)  # the same stall deadlines and restart cap as `train` and training_monitor.py
 
 
 def _print_jobs(jobs, as_json: bool) -> None:
@@ -117,13 +119,17 @@ def run_worker(a, root: Path) -> int:
     from fluxgym.jobs.lock import WorkerBusyError
     from fluxgym.jobs.store import StoreError
     from fluxgym.jobs.worker import Worker
+    from fluxgym.supervise import RestartPolicy
 
     gpus = [g.strip() for g in a.gpus.split(",") if g.strip()] if a.gpus else None
     if a.gpus is not None and not gpus:
         print("error: --gpus needs ids such as 0,1", file=sys.stderr)
         return EXIT_USAGE
-    worker = Worker(root, gpus=gpus, recover=not a.no_recover, grace=a.grace,
-                    echo=sys.stdout if a.echo else None)
+    if a.max_restarts < 0:
+        print(f"error: --max-restarts {a.max_restarts}: must be 0 or more", file=sys.stderr)
+        return EXIT_USAGE
+    worker = Worker(root, gpus=gpus, recover=not a.no_recover, grace=a.grace, deadlines=deadlines_from(a),
+                    policy=RestartPolicy(max_restarts=a.max_restarts), echo=sys.stdout if a.echo else None)
     sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
     old = {s: signal.signal(s, _interrupt) for s in sigs}
     t0 = time.monotonic()

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from fluxgym.generate import RUN_INFO, GenerateOptions, generate
 from fluxgym.jobs.states import ACTIVE_STATES
-from fluxgym.jobs.store import STORE_DIR, Job, JobStore
+from fluxgym.jobs.schema import Job
+from fluxgym.jobs.store import STORE_DIR, JobStore
 from fluxgym.naming import project_paths
 
 SNAPSHOT_DIR = "jobs"  # outputs/.fluxgym/jobs/<id>/: the script each job runs, as it was when queued

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from fluxgym.jobs.states import ACTIVE_STATES
-from fluxgym.jobs.store import Job, JobStore
+from fluxgym.jobs.schema import Job
+from fluxgym.jobs.store import JobStore
 from fluxgym.status import HEARTBEAT, checkpoint_validation
 from fluxgym.supervise import ProcessRecord, process_alive
 from fluxgym.supervise.process import PID_FILE, read_pid_file, record_from

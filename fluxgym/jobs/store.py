@@ -5,7 +5,7 @@
 - After each successful transition the whole store is copied to `jobs.sqlite3.bak` (SQLite's online
   backup, written to a temp file and renamed), so a damaged file loses no job: `queue repair` restores it.
 - Errors (damaged, locked, disk full) are `StoreError`s naming the file and what to do.
-- The schema has a version (`PRAGMA user_version`); `MIGRATIONS[n]` takes a store from version n to n+1.
+- The schema (schema.py) has a version (`PRAGMA user_version`) and a migration path (`MIGRATIONS`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
+from fluxgym.jobs import schema
+from fluxgym.jobs.schema import COLUMNS, JSON_FIELDS, PROGRESS_FIELDS, Job
 from fluxgym.jobs.states import ACTIVE_STATES, check_transition
 
 log = logging.getLogger(__name__)
@@ -31,69 +32,6 @@ DB_NAME = "jobs.sqlite3"
 BACKUP_SUFFIX = ".bak"
 # Test hook: after N successful writes in this process, every write fails like a full disk does.
 INJECT_FULL_ENV = "FLUXGYM_INJECT_STORE_FULL"
-
-_SCHEMA_V1 = """
-CREATE TABLE jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    lora TEXT NOT NULL,
-    name TEXT NOT NULL,
-    state TEXT NOT NULL,
-    phase TEXT,
-    launch TEXT NOT NULL,
-    argv TEXT NOT NULL,
-    settings TEXT NOT NULL,
-    output_dir TEXT NOT NULL,
-    log_file TEXT,
-    events_file TEXT,
-    events_offset INTEGER NOT NULL DEFAULT 0,
-    resume_from TEXT,
-    stop_requested REAL,
-    pid INTEGER,
-    pgid INTEGER,
-    create_time REAL,
-    worker_pid INTEGER,
-    gpu TEXT,
-    blocks_to_swap INTEGER,
-    restarts INTEGER NOT NULL DEFAULT 0,
-    restart_reasons TEXT NOT NULL DEFAULT '[]',
-    step INTEGER,
-    total_steps INTEGER,
-    epoch INTEGER,
-    it_per_s REAL,
-    eta_s REAL,
-    last_checkpoint TEXT,
-    last_checkpoint_step INTEGER,
-    lora_file TEXT,
-    error TEXT,
-    hint TEXT,
-    error_lines TEXT NOT NULL DEFAULT '[]',
-    created REAL NOT NULL,
-    queued REAL,
-    started REAL,
-    finished REAL,
-    updated REAL NOT NULL
-);
-CREATE INDEX jobs_state ON jobs(state);
-CREATE TABLE transitions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job INTEGER NOT NULL,
-    old TEXT NOT NULL,
-    new TEXT NOT NULL,
-    why TEXT,
-    time REAL NOT NULL
-);
-"""
-# Index n: the SQL that takes a store from schema version n to n + 1. Append, never edit.
-MIGRATIONS: list[str] = [_SCHEMA_V1]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-_JSON_FIELDS = ("launch", "argv", "settings", "restart_reasons", "error_lines")
-# What `update` may write: progress and bookkeeping, never `state`.
-PROGRESS_FIELDS = frozenset({
-    "phase", "pid", "pgid", "create_time", "worker_pid", "gpu", "blocks_to_swap", "restarts", "restart_reasons",
-    "step", "total_steps", "epoch", "it_per_s", "eta_s", "last_checkpoint", "last_checkpoint_step", "lora_file",
-    "error", "hint", "error_lines", "stop_requested", "resume_from",
-})
 
 
 class StoreError(RuntimeError):
@@ -114,68 +52,6 @@ class StoreLockedError(StoreError):
 
 class StoreFullError(StoreError):
     """The disk (or the database size limit) is full."""
-
-
-@dataclass
-class Job:
-    """One row of the store, JSON columns decoded."""
-
-    id: int
-    lora: str
-    name: str
-    state: str
-    created: float
-    updated: float
-    output_dir: str
-    launch: list = field(default_factory=list)  # the command the worker runs (job's script snapshot)
-    argv: list = field(default_factory=list)  # the full generated trainer command, for the record
-    settings: dict = field(default_factory=dict)  # the generate options and run.json at submit time
-    phase: str | None = None
-    log_file: str | None = None
-    events_file: str | None = None
-    events_offset: int = 0
-    resume_from: str | None = None  # what the next launch passes as --resume ("auto" or a state folder)
-    stop_requested: float | None = None
-    pid: int | None = None
-    pgid: int | None = None
-    create_time: float | None = None
-    worker_pid: int | None = None
-    gpu: str | None = None
-    blocks_to_swap: int | None = None
-    restarts: int = 0
-    restart_reasons: list = field(default_factory=list)
-    step: int | None = None
-    total_steps: int | None = None
-    epoch: int | None = None
-    it_per_s: float | None = None
-    eta_s: float | None = None
-    last_checkpoint: str | None = None
-    last_checkpoint_step: int | None = None
-    lora_file: str | None = None
-    error: str | None = None
-    hint: str | None = None
-    error_lines: list = field(default_factory=list)
-    queued: float | None = None
-    started: float | None = None
-    finished: float | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.state in ACTIVE_STATES
-
-    def to_dict(self) -> dict:
-        """The JSON shape `queue list --json` and the web UI read (engine.md section 2)."""
-        keys = ("id", "lora", "state", "phase", "step", "total_steps", "epoch", "it_per_s", "eta_s",
-                "last_checkpoint", "last_checkpoint_step", "lora_file", "restarts", "restart_reasons", "error",
-                "hint", "created", "started", "finished", "argv", "settings", "output_dir", "log_file",
-                "events_file", "events_offset", "gpu", "blocks_to_swap", "pid")
-        d = {k: getattr(self, k) for k in keys}
-        d.update(name=self.name, queued=self.queued, error_lines=self.error_lines, resume_from=self.resume_from,
-                 stop_requested=self.stop_requested is not None, launch=self.launch)
-        return d
-
-
-_COLUMNS = tuple(f.name for f in fields(Job))
 
 
 def _classify(exc: sqlite3.Error, path: Path, doing: str) -> StoreError:
@@ -253,11 +129,11 @@ class JobStore:
         try:
             conn = self.conn
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
+            if version > schema.SCHEMA_VERSION:
                 raise StoreError(
                     f"the job store {self.path} has schema version {version}, newer than this fluxgym knows "
-                    f"({SCHEMA_VERSION}); update fluxgym (git pull) before using it.", self.path)
-            if version < SCHEMA_VERSION:
+                    f"({schema.SCHEMA_VERSION}); update fluxgym (git pull) before using it.", self.path)
+            if version < schema.SCHEMA_VERSION:
                 self._migrate(conn, version)
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
@@ -271,8 +147,8 @@ class JobStore:
         try:
             # Read again under the write lock: another process may have migrated meanwhile.
             current = conn.execute("PRAGMA user_version").fetchone()[0]
-            for n in range(current, SCHEMA_VERSION):
-                for statement in MIGRATIONS[n].split(";"):
+            for n in range(current, schema.SCHEMA_VERSION):
+                for statement in schema.MIGRATIONS[n].split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {n + 1}")
@@ -281,9 +157,10 @@ class JobStore:
             conn.execute("ROLLBACK")
             raise
         if current == 0:
-            log.info("created the job store %s (schema version %d)", self.path, SCHEMA_VERSION)
-        elif current < SCHEMA_VERSION:
-            log.info("migrated the job store %s from schema version %d to %d", self.path, current, SCHEMA_VERSION)
+            log.info("created the job store %s (schema version %d)", self.path, schema.SCHEMA_VERSION)
+        elif current < schema.SCHEMA_VERSION:
+            log.info("migrated the job store %s from schema version %d to %d", self.path, current,
+                     schema.SCHEMA_VERSION)
 
     def close(self) -> None:
         c = getattr(self._local, "conn", None)
@@ -295,8 +172,8 @@ class JobStore:
 
     @staticmethod
     def _job(row: sqlite3.Row) -> Job:
-        data = {k: row[k] for k in _COLUMNS}
-        for k in _JSON_FIELDS:
+        data = {k: row[k] for k in COLUMNS}
+        for k in JSON_FIELDS:
             data[k] = json.loads(data[k]) if data[k] else ([] if k != "settings" else {})
         return Job(**data)
 
@@ -364,9 +241,9 @@ class JobStore:
     def _encode(values: dict[str, Any]) -> dict[str, Any]:
         out = {}
         for k, v in values.items():
-            if k not in _COLUMNS or k == "id":
+            if k not in COLUMNS or k == "id":
                 raise ValueError(f"unknown job field {k!r}")
-            out[k] = json.dumps(v) if k in _JSON_FIELDS else (str(v) if isinstance(v, Path) else v)
+            out[k] = json.dumps(v) if k in JSON_FIELDS else (str(v) if isinstance(v, Path) else v)
         return out
 
     def add(self, *, lora: str, name: str, launch: list, argv: list, settings: dict, output_dir: str,

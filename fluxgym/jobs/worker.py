@@ -20,7 +20,8 @@ from typing import Callable
 
 from fluxgym.jobs.lock import WorkerLock
 from fluxgym.jobs.recovery import reconcile
-from fluxgym.jobs.store import Job, JobStore, StoreError
+from fluxgym.jobs.schema import Job
+from fluxgym.jobs.store import JobStore, StoreError, StoreLockedError
 from fluxgym.status import log_tail
 from fluxgym.supervise import Deadlines, ProcessRecord, RestartPolicy, RunSpec, Supervisor
 
@@ -56,12 +57,14 @@ class Worker:
 
     def __init__(self, root: str | Path, gpus: list[str] | None = None, recover: bool = True, *,
                  deadlines: Deadlines | None = None, policy: RestartPolicy | None = None, poll: float = 1.0,
-                 grace: float = 10.0, echo=None, supervisor_factory: Callable[..., Supervisor] | None = None):
+                 grace: float = 10.0, echo=None, supervisor_factory: Callable[..., Supervisor] | None = None,
+                 store_timeout: float = 10.0):
         self.root = Path(root).resolve()
         self.slots: list[str | None] = list(gpus) if gpus else [None]
         self.recover = recover
         self.deadlines, self.policy = deadlines, policy
         self.poll, self.grace, self.echo = poll, grace, echo
+        self.store_timeout = store_timeout  # how long one store access waits for another program's lock
         self._make_supervisor = supervisor_factory or Supervisor
         self.store: JobStore | None = None
         self._lock = WorkerLock(JobStore.path_for(self.root).parent)
@@ -71,7 +74,8 @@ class Worker:
         self._closing = False
         self._thread: threading.Thread | None = None
         self.ran: dict[int, str] = {}  # job id -> final state, for jobs this worker ran or adopted
-        self.store_error: StoreError | None = None
+        self.store_error: StoreError | None = None  # damaged or full: the worker winds down
+        self._locked_warned = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -79,7 +83,7 @@ class Worker:
         """Lock, open the store and reconcile it with the processes that exist. Raises WorkerBusyError."""
         self._lock.acquire()
         try:
-            self.store = JobStore.open(self.root)
+            self.store = JobStore.open(self.root, timeout=self.store_timeout)
             for job, rec in reconcile(self.store, recover=self.recover):
                 free = self._free_slots()
                 # An adopted run keeps its GPU; it may exceed the slots when the worker restarts with fewer.
@@ -144,7 +148,7 @@ class Worker:
                     return
                 if self._closing:
                     self._stop_all()
-            elif until_idle and not busy and self._next_job() is None:
+            elif until_idle and not busy and self._idle():
                 return
             self._wake.wait(self.poll)
             self._wake.clear()
@@ -161,9 +165,17 @@ class Worker:
                 self._fill_slots()
 
     def _guard(self, fn: Callable, *args, **kw):
-        """Run a store write; a StoreError is remembered (the worker winds down) instead of raised."""
+        """Run a store access. A lock held by another program is waited out (the next tick tries again); any
+        other StoreError is remembered and the worker winds down. Either way nothing is raised."""
         try:
-            return fn(*args, **kw)
+            result = fn(*args, **kw)
+            self._locked_warned = False
+            return result
+        except StoreLockedError as exc:
+            if not self._locked_warned:
+                log.warning("%s (the worker keeps trying)", exc)
+                self._locked_warned = True
+            return None
         except StoreError as exc:
             if self.store_error is None:
                 log.error("%s", exc)
@@ -177,6 +189,12 @@ class Worker:
             if run.slot in free:
                 free.remove(run.slot)
         return free
+
+    def _idle(self) -> bool:
+        """Nothing queued (a store locked by another program is not proof of that: wait and look again)."""
+        nothing = object()
+        found = self._guard(lambda: self.store.next_queued({r.lora for r in self._runs.values()}) or nothing)
+        return found is nothing
 
     def _next_job(self) -> Job | None:
         return self._guard(self.store.next_queued, {r.lora for r in self._runs.values()})
@@ -258,6 +276,10 @@ class Worker:
             if run.thread is not None:
                 run.thread.join()
             self._finish(run)
+        if self._runs and self.store_error is None:  # outcomes the store would not take (still locked)
+            self.store_error = StoreLockedError(
+                f"could not record how jobs {sorted(self._runs)} ended: the job store {self.store.path} stayed "
+                "locked; the next worker start settles them from their output folders", self.store.path)
         if self.store is not None:
             self.store.close()
         self._lock.release()
@@ -319,10 +341,13 @@ class Worker:
 
     def _finish(self, run: _Run) -> None:
         with self._mutex:
-            if self._runs.pop(run.job_id, None) is None:
+            if run.job_id not in self._runs:
                 return
             self._flush(run, force=True)
             state = self._guard(self._record_outcome, run)
+            if state is None and self.store_error is None:
+                return  # the store is locked for now: the next tick records it
+            del self._runs[run.job_id]  # recorded, or the store is unusable (the next start reconciles it)
             if state is not None:
                 self.ran[run.job_id] = state
 

@@ -78,3 +78,17 @@ def read_events(path: Path, since: int = 0) -> tuple[list[dict], int]:
         if isinstance(event, dict):
             events.append(event)
     return events, since + end
+
+
+def tail_events(path: Path, max_bytes: int = 512 * 1024) -> list[dict]:
+    """The events in the last `max_bytes` of the file (a long run writes many step events)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return []
+    start = max(0, size - max_bytes)
+    if start:
+        with open(path, "rb") as fh:  # begin after the first line end: the line cut by `start` is partial
+            fh.seek(start)
+            start += len(fh.readline())
+    return read_events(path, start)[0]

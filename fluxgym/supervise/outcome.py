@@ -31,6 +31,7 @@ class RunOutcome:
     # Beyond the contract (engine.md): how it ended, for the monitor's exit codes, and the last output lines.
     ended_by: str = ""  # finished | finished_unclean | stall | exit | gave_up | oom | fatal | launch_failed | usage | stopped
     tail: list[str] = field(default_factory=list)
+    stalled: bool = False  # the last launch was ended by the stall detector
 
     @property
     def resumable(self) -> bool:

@@ -21,6 +21,7 @@ import psutil
 
 IS_POSIX = os.name == "posix"
 PID_FILE = "train.pid"
+STOP_MARKER = ".stop-requested"  # written by stop_run: the supervisor must not restart what a user stopped
 _SAME_START = 1.0  # seconds: psutil's create_time is rounded differently on some platforms
 
 
@@ -244,3 +245,25 @@ def describe_exit(code: int | None) -> str:
         except ValueError:
             return f"exit code {code} (signal {code - 128})"
     return f"exit code {code}"
+
+
+def running(output_dir: Path) -> dict | None:
+    """The pid file of a supervised run in `output_dir` whose supervisor or trainer is still alive, else None."""
+    data = read_pid_file(Path(output_dir) / PID_FILE)
+    if not data:
+        return None
+    recs = [record_from(data), supervisor_record(data)]
+    return data if any(r is not None and process_alive(r) for r in recs) else None
+
+
+def stop_run(output_dir: Path, *, grace: float = 10.0) -> tuple[bool, list[int]]:
+    """End the supervised run in `output_dir` from anywhere (another terminal): the marker tells its
+    supervisor not to restart it, then the trainer's tree is ended. Returns (was running, pids left)."""
+    data = read_pid_file(Path(output_dir) / PID_FILE)
+    if data is None:
+        return False, []
+    (Path(output_dir) / STOP_MARKER).write_text(str(time.time()), encoding="utf-8")
+    rec = record_from(data)
+    was_running = running(output_dir) is not None
+    left = stop_tree(rec, grace) if rec is not None else []
+    return was_running, left

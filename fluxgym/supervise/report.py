@@ -7,13 +7,25 @@ lines into `stall-<time>.txt` in the output folder.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
+PHASE_HINTS = {
+    "loading": "model loading or the silent hashing of the base model; check disk speed and free RAM",
+    "caching_latents": "latent caching; check the dataset disk and the VAE device",
+    "caching_text": "text-encoder caching; T5 on CPU is slow, check free RAM",
+    "training": "a training step; check the GPU (nvidia-smi) and read the Python stacks above",
+    "saving": "writing a checkpoint; check free space and the output disk",
+    "sampling": "sample image generation; use fewer sample steps or sample less often",
+}
 
 def request_stack_dump(pid: int, output_dir: Path, wait: float) -> str:
     """SIGUSR1 -> our trainer writes stacks-<ts>.txt (via a hidden .stacks-dump-<pid>.txt). Returns text or a note."""
@@ -97,3 +109,42 @@ def write_stall_report(output_dir: Path, *, summary: list[str], tree: list[str],
     ]
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _status(pid: int) -> str:
+    try:
+        return psutil.Process(pid).status()
+    except psutil.Error:
+        return "gone"
+
+
+def stall_report(output_dir: Path, stall, tracker, tree, lines: list[str], *, argv: list[str],
+                 dump_wait: float) -> Path:
+    """The report for `stall`: each live rank's stacks (our trainer dumps them on SIGUSR1; py-spy for
+    others), the verdict, every rank's last heartbeat, the process tree and the last log lines."""
+    hb = tracker.heartbeat
+    alive = {p.pid for p in tree.alive()}
+    pids = [r.hb.get("pid") for _, r in sorted(tracker.ranks.items())]
+    pids = [p for p in pids if isinstance(p, int) and p in alive]
+    stacks = "(no heartbeat from our trainer: upstream sd-scripts has no on-demand stack dump)"
+    if pids:
+        parts = []
+        for pid in pids[:8]:
+            if _status(pid) == psutil.STATUS_STOPPED:
+                parts.append(f"(pid {pid} is stopped (state T, e.g. SIGSTOP or Ctrl-Z): it cannot dump its stacks)")
+            else:
+                parts.append(request_stack_dump(pid, output_dir, dump_wait))
+        stacks = "\n\n".join(parts)
+    else:
+        stacks = py_spy_dump(sorted(alive)) or stacks
+    summary = [
+        f"time: {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        f"verdict: {stall.describe()} (progress source: {stall.source})",
+        f"phase: {stall.phase}  step: {stall.step}  epoch: {(hb or {}).get('epoch', tracker.parser.state.epoch)}",
+        f"likely area: {PHASE_HINTS.get(stall.phase, 'unknown phase')}",
+        f"heartbeat: {json.dumps(hb) if hb else '(none)'}",
+        *tracker.rank_lines(),
+        f"command: {shlex.join(argv) if argv else '(attached)'}",
+    ]
+    return write_stall_report(output_dir, summary=summary, tree=tree.describe(), stacks=stacks, log_lines=lines,
+                              gpu=gpu_snapshot())

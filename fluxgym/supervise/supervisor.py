@@ -8,7 +8,6 @@ Used by `python -m fluxgym train|resume`, tools/training_monitor.py and the job 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -20,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-import psutil
-
 from fluxgym.supervise.drain import LogTail, OutputDrain, TextTail
 from fluxgym.supervise.events import EventLog
 from fluxgym.supervise.outcome import RunOutcome, first_error_line, hint_for
@@ -30,23 +27,14 @@ from fluxgym.supervise.policy import (
     next_blocks_to_swap, with_blocks_to_swap, with_resume,
 )
 from fluxgym.supervise.process import (
-    PID_FILE, ProcessRecord, ProcessTree, describe_exit, launch, process_alive, read_pid_file, stop_tree,
-    write_pid_file,
+    PID_FILE, STOP_MARKER, ProcessRecord, ProcessTree, describe_exit, launch, process_alive, read_pid_file,
+    stop_tree, write_pid_file,
 )
 from fluxgym.supervise.progress import Deadlines, ProgressTracker, Stall
-from fluxgym.supervise.report import gpu_snapshot, py_spy_dump, request_stack_dump, write_stall_report
+from fluxgym.supervise.report import stall_report
 
 log = logging.getLogger(__name__)
 
-STOP_MARKER = ".stop-requested"
-PHASE_HINTS = {
-    "loading": "model loading or the silent hashing of the base model; check disk speed and free RAM",
-    "caching_latents": "latent caching; check the dataset disk and the VAE device",
-    "caching_text": "text-encoder caching; T5 on CPU is slow, check free RAM",
-    "training": "a training step; check the GPU (nvidia-smi) and read the Python stacks above",
-    "saving": "writing a checkpoint; check free space and the output disk",
-    "sampling": "sample image generation; use fewer sample steps or sample less often",
-}
 
 
 @dataclass(frozen=True)
@@ -242,7 +230,8 @@ class Supervisor:
         hb = self._last
         out = RunOutcome(state=state, exit_code=res.rc, lora_file=None, restarts=restarts, ended_by=ended_by,
                          tail=lines, last_checkpoint=hb.get("last_checkpoint"), step=res.step if res.step is not None
-                         else hb.get("step"), total_steps=hb.get("total_steps"), epoch=hb.get("epoch"))
+                         else hb.get("step"), total_steps=hb.get("total_steps"), epoch=hb.get("epoch"),
+                         stalled=res.stall is not None)
         lora = self._lora_path()
         if state == "done":
             out.lora_file = lora if lora and self._lora_ok() else None
@@ -323,7 +312,8 @@ class Supervisor:
         seen = _Seen()
         while True:
             rc = proc.poll() if proc is not None else None
-            if proc is None and not process_alive(tree.rec):
+            if proc is None and not process_alive(tree.rec):  # adopted: no exit code, the heartbeat's word
+                tracker.poll()
                 rc = 0 if (tracker.heartbeat or {}).get("phase") == "done" else 1
             if rc is not None:
                 return self._exited(rc, tracker, tree, drain, text)
@@ -381,7 +371,8 @@ class Supervisor:
             self.emit("phase", f"phase: {phase} (step {step})", phase=phase, step=step)
         hb = tracker.heartbeat or {}
         if step is not None and step != seen.step:
-            seen.rates.append((now, step))
+            if phase == "training":  # loading time before the first step is no step rate
+                seen.rates.append((now, step))
             if now - seen.step_at >= 1.0:  # at most about one step event a second
                 seen.step, seen.step_at = step, now
                 total = tracker.total_steps
@@ -400,32 +391,8 @@ class Supervisor:
     def _on_stall(self, stall: Stall, tracker: ProgressTracker, tree: ProcessTree, lines: list[str]) -> None:
         self.emit("stall", f"STALL: {stall.describe()}", phase=stall.phase, step=stall.step,
                   idle_s=round(stall.idle_s, 1), deadline_s=stall.deadline_s, rank=stall.rank)
-        hb = tracker.heartbeat
-        alive = {p.pid for p in tree.alive()}
-        pids = [r.hb.get("pid") for _, r in sorted(tracker.ranks.items())]
-        pids = [p for p in pids if isinstance(p, int) and p in alive]
-        stacks = "(no heartbeat from our trainer: upstream sd-scripts has no on-demand stack dump)"
-        if pids:
-            parts = []
-            for pid in pids[:8]:
-                if _status(pid) == psutil.STATUS_STOPPED:
-                    parts.append(f"(pid {pid} is stopped (state T, e.g. SIGSTOP or Ctrl-Z): it cannot dump its stacks)")
-                else:
-                    parts.append(request_stack_dump(pid, self.spec.output_dir, self.dump_wait))
-            stacks = "\n\n".join(parts)
-        else:
-            stacks = py_spy_dump(sorted(alive)) or stacks
-        summary = [
-            f"time: {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            f"verdict: {stall.describe()} (progress source: {stall.source})",
-            f"phase: {stall.phase}  step: {stall.step}  epoch: {(hb or {}).get('epoch', tracker.parser.state.epoch)}",
-            f"likely area: {PHASE_HINTS.get(stall.phase, 'unknown phase')}",
-            f"heartbeat: {json.dumps(hb) if hb else '(none)'}",
-            *tracker.rank_lines(),
-            f"command: {shlex.join(self.spec.argv) if self.spec.argv else '(attached)'}",
-        ]
-        path = write_stall_report(self.spec.output_dir, summary=summary, tree=tree.describe(), stacks=stacks,
-                                  log_lines=lines, gpu=gpu_snapshot())
+        path = stall_report(self.spec.output_dir, stall, tracker, tree, lines, argv=self.spec.argv,
+                            dump_wait=self.dump_wait)
         self.emit("report", f"stall report: {path}", path=str(path))
 
     def _kill(self, tree: ProcessTree, quiet: bool = False) -> None:
@@ -472,9 +439,3 @@ class _Seen:
                 continue
         return sorted(fresh)
 
-
-def _status(pid: int) -> str:
-    try:
-        return psutil.Process(pid).status()
-    except psutil.Error:
-        return "gone"

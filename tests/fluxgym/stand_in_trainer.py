@@ -6,7 +6,7 @@ nolora (exit 0, write nothing) | flood (FG_FLOOD_MB of output, then ok) | spawn 
 record both pids in FG_PIDS, then sleep until killed) | ignore_term (like spawn, but ignores SIGTERM) |
 oom_once (without --blocks_to_swap in argv: die like a CUDA out-of-memory error; with it: ok) |
 slow (print a step line every 0.2 s for FG_SLEEP seconds, then write a valid empty safetensors LoRA and a
-`done` heartbeat, then linger 1 s like the real trainer's teardown).
+`done` heartbeat, then linger 0.2 s like the real trainer's teardown).
 """
 
 import json
@@ -40,7 +40,7 @@ def write_done(argv):
     with open(os.path.join(out_dir, "heartbeat.json"), "w") as f:
         json.dump({"version": 1, "pid": os.getpid(), "phase": "done", "step": 5, "total_steps": 5, "epoch": 1,
                    "total_epochs": 1, "time": time.time(), "phase_started": time.time(), "last_checkpoint": None,
-                   "message": ""}, f)
+                   "message": f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}"}, f)
 
 
 def main():
@@ -71,7 +71,7 @@ def main():
             time.sleep(0.2)
         write_done(argv)
         print("model saved.", flush=True)
-        time.sleep(1.0)  # like the real trainer's teardown after its last heartbeat
+        time.sleep(0.2)  # like the real trainer's teardown after its last heartbeat
         return 0
     if mode in ("spawn", "ignore_term"):
         if mode == "ignore_term":

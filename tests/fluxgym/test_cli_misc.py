@@ -15,7 +15,7 @@ from fluxgym.presets import PresetError, _parse_preset, get_preset, load_presets
 
 def test_cli_modules_do_not_import_heavy_libraries():
     code = ("import sys, fluxgym.cli, fluxgym.runner, fluxgym.status, fluxgym.generate, fluxgym.prepare, "
-            "fluxgym.proctree, fluxgym.script\n"
+            "fluxgym.supervise, fluxgym.script\n"
             "heavy = [m for m in ('torch', 'numpy', 'diffusers', 'transformers', 'accelerate') if m in sys.modules]\n"
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)

@@ -91,6 +91,9 @@ def test_queue_of_three_demo_jobs_survives_a_worker_killed_mid_run(root, tmp_pat
         got = load_file(jobs[lora].lora_file)
         assert got.keys() == reference.keys()
         assert all(torch.equal(got[k], reference[k]) for k in reference), f"{lora} differs from alpha"
+    for j in jobs.values():  # progress made it into the store
+        assert (j.step, j.total_steps, j.epoch) == (8, 8, 2), j
+        assert j.last_checkpoint and j.started and j.finished and j.error is None
     for lora in ("alpha", "gamma"):  # nothing ran twice
         assert [h[1] for h in store.history(jobs[lora].id)].count("running") == 1
         started = [e for e in read_events(jobs[lora].events_file)[0] if e["event"] == "started"]

@@ -16,7 +16,7 @@ from fg_helpers import STAND_IN, fake_models, make_images
 from fluxgym.cli import main
 from fluxgym.jobs import JOB_STATES, TRANSITIONS, IllegalTransition, JobStore, StoreError
 from fluxgym.jobs import commands
-from fluxgym.jobs import store as store_mod
+from fluxgym.jobs import schema
 from fluxgym.jobs.lock import WorkerBusyError, WorkerLock
 from fluxgym.jobs.store import StoreCorruptError, StoreFullError, StoreLockedError
 
@@ -71,8 +71,8 @@ def test_schema_migrates_forward_and_refuses_a_newer_store(tmp_path, monkeypatch
     store = JobStore.open(tmp_path)
     job = _add(store)
     store.close()
-    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS + ["ALTER TABLE jobs ADD COLUMN note TEXT"])
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", len(store_mod.MIGRATIONS))
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS + ["ALTER TABLE jobs ADD COLUMN note TEXT"])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", len(schema.MIGRATIONS))
     again = JobStore.open(tmp_path)
     assert again.conn.execute("PRAGMA user_version").fetchone()[0] == 2
     assert again.get(job.id).lora == "a"

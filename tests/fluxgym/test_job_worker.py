@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -19,7 +21,7 @@ from fluxgym.jobs import JobStore, commands
 from fluxgym.jobs.worker import Worker
 from fluxgym.naming import project_paths
 from fluxgym.prepare import prepare_dataset
-from fluxgym.supervise import ProcessRecord, Supervisor, read_events
+from fluxgym.supervise import Deadlines, ProcessRecord, RestartPolicy, Supervisor, read_events
 
 fast = functools.partial(Supervisor, check_interval=0.2)
 
@@ -121,8 +123,7 @@ def test_cancel_ends_the_whole_tree_and_a_second_worker_is_refused(root, stand_i
 def test_failed_job_records_the_error_and_retry_continues_it(root, stand_in, tmp_path, capsys):
     job, paths = stand_in_job(root, "Flaky")
     stand_in.setenv("FG_MODE", "fail")
-    assert main(["worker", "--until-idle", "--root", str(root)]) == 1
-    capsys.readouterr()
+    assert Worker(root, poll=0.2, supervisor_factory=fast).run_until_idle() == 1
     assert main(["queue", "list", "--json", "--root", str(root)]) == 0
     (row,) = json.loads(capsys.readouterr().out)["jobs"]
     assert row["state"] == "failed" and "something broke" in row["error"]
@@ -164,3 +165,86 @@ def test_out_of_memory_retry_is_recorded_and_kept_for_a_later_resume(root, stand
     # Interrupted later: the relaunch keeps the raised block swap instead of dying of OOM again.
     spec = Worker(root)._spec(after, None)
     assert spec.argv[-2:] == ["--blocks_to_swap", "6"] and spec.blocks_to_swap == 6
+
+
+def test_stall_restart_and_give_up_are_job_transitions(root, stand_in, tmp_path):
+    job, _ = stand_in_job(root, "Frozen")
+    stand_in.setenv("FG_MODE", "spawn")  # prints one line, then never progresses
+    stand_in.setenv("FG_PIDS", str(tmp_path / "pids.json"))
+    quick = Deadlines(loading=1.0, caching=1.0, stuck_threshold=1.0, first_step=1.0)
+    worker = Worker(root, poll=0.2, grace=1.0, deadlines=quick, policy=RestartPolicy(max_restarts=1),
+                    supervisor_factory=functools.partial(Supervisor, check_interval=0.2, kill_grace=1.0,
+                                                         dump_wait=0.5))
+    assert worker.run_until_idle() == 1
+    store = JobStore.open(root)
+    after = store.get(job.id)
+    assert [h[1] for h in store.history(job.id)] == ["queued", "running", "stalled", "recovering", "running",
+                                                    "stalled", "failed"]
+    assert after.restarts == 1 and after.restart_reasons[0]["reason"] == "stall"
+    assert "stall" in after.error and after.pid is None
+    for pid in json.loads((tmp_path / "pids.json").read_text()).values():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_one_job_per_gpu_side_by_side(root, stand_in):
+    jobs = [stand_in_job(root, name) for name in ("On Zero", "On One", "Third")]
+    stand_in.setenv("FG_MODE", "slow")
+    stand_in.setenv("FG_SLEEP", "1.0")
+    assert Worker(root, gpus=["0", "1"], poll=0.2, supervisor_factory=fast).run_until_idle() == 0
+    store = JobStore.open(root)
+    rows = [store.get(job.id) for job, _ in jobs]
+    assert [r.state for r in rows] == ["done"] * 3
+    assert [r.gpu for r in rows[:2]] == ["0", "1"] and rows[2].gpu in ("0", "1")
+    for row, (_, paths) in zip(rows, jobs):  # each trainer saw only its own GPU
+        beat = json.loads(paths.out("heartbeat.json").read_text())
+        assert beat["message"] == f"CUDA_VISIBLE_DEVICES={row.gpu}"
+    assert rows[1].started < rows[0].finished  # the first two ran at the same time
+    assert rows[2].started >= min(rows[0].finished, rows[1].finished)  # the third waited for a free GPU
+
+
+def test_closing_the_worker_interrupts_its_runs_and_the_next_one_resumes_them(root, stand_in, tmp_path):
+    job, paths = stand_in_job(root, "Hosted")
+    stand_in.setenv("FG_MODE", "spawn")
+    stand_in.setenv("FG_PIDS", str(tmp_path / "pids.json"))
+    worker = Worker(root, poll=0.2, grace=1.0, supervisor_factory=fast)
+    worker.start()  # as the web UI hosts it
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "pids.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker.close(grace=1.0)
+    store = JobStore.open(root)
+    assert store.get(job.id).state == "interrupted"
+    for pid in json.loads((tmp_path / "pids.json").read_text()).values():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    stand_in.setenv("FG_MODE", "ok")
+    assert Worker(root, poll=0.2, supervisor_factory=fast).run_until_idle() == 0
+    assert store.get(job.id).state == "done"
+    assert json.loads((root.parent / "record.json").read_text())["argv"][-2:] == ["--resume", "auto"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) for a real ENOSPC")
+def test_disk_full_on_the_event_file_keeps_the_job_and_its_output(root, stand_in, caplog):
+    job, paths = stand_in_job(root, "No Space")
+    events = paths.out("events.jsonl")
+    events.symlink_to("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    with caplog.at_level("ERROR"):
+        assert Worker(root, poll=0.2, supervisor_factory=fast).run_until_idle() == 0
+    after = JobStore.open(root).get(job.id)
+    assert after.state == "done" and after.lora_file == str(paths.final_lora)  # the store still heard every event
+    assert paths.final_lora.read_bytes() == b"stand-in lora"
+    assert any("No space left on device" in r.getMessage() and str(events) in r.getMessage() for r in caplog.records)
+
+
+def test_a_store_locked_for_a_while_is_waited_out(root, stand_in):
+    job, _ = stand_in_job(root, "Patient")
+    other = sqlite3.connect(JobStore.path_for(root), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # e.g. a database browser holding the write lock
+    release = threading.Timer(1.5, lambda: (other.execute("ROLLBACK"), other.close()))
+    release.start()
+    t0 = time.monotonic()
+    try:
+        assert Worker(root, poll=0.2, store_timeout=0.2, supervisor_factory=fast).run_until_idle() == 0
+    finally:
+        release.join()
+    assert time.monotonic() - t0 >= 1.5  # it did not give up, nor call the queue empty, while locked
+    assert JobStore.open(root).get(job.id).state == "done"

@@ -140,9 +140,10 @@ def test_ctrl_c_ends_the_whole_tree(root, tmp_path):
     assert _gone(pids["trainer"]) and _gone(pids["grandchild"])
 
 
-def test_status_reads_heartbeat_and_log(root, tmp_path):
+def test_status_reads_heartbeat_and_events(root, tmp_path):
     paths, _ = setup_lora(root)
     run_training(paths, env=stand_in_env(tmp_path, FG_MODE="ok"))
+    paths.out(LOG_FILE).unlink()  # status reads events.jsonl and heartbeat.json, not the console text
     hb = {"version": 1, "pid": 1, "phase": "training", "step": 3, "total_steps": 10, "epoch": 1,
           "total_epochs": 4, "time": time.time(), "phase_started": time.time(), "message": "",
           "last_checkpoint": str(paths.output_dir / "my-lora-000002-state")}
@@ -150,7 +151,8 @@ def test_status_reads_heartbeat_and_log(root, tmp_path):
     st = run_status(paths)
     assert st["state"] == "succeeded" and st["step"] == 3 and st["total_steps"] == 10
     text = format_status(st)
-    assert "step: 3/10" in text and "my-lora-000002-state" in text and "model saved." in text
+    assert "step: 3/10" in text and "my-lora-000002-state" in text and "training finished" in text
+    assert st["lora_file"] == str(paths.final_lora)
 
 
 def test_stop_when_nothing_runs(root):
@@ -175,7 +177,7 @@ def test_sigterm_to_the_runner_ends_the_tree(root, tmp_path):
 
 
 def test_exit_descriptions():
-    from fluxgym.proctree import describe_exit
+    from fluxgym.supervise.process import describe_exit
 
     assert "hang guard" in describe_exit(124)
     assert describe_exit(-9) == "killed by signal SIGKILL"

@@ -3,7 +3,8 @@
 Prints a tqdm-like `steps:` bar on stderr with `\\r` updates, `epoch k/E` and `saving checkpoint:` on stdout,
 writes `NAME-step########-state` folders (train_state.json + our checkpoint.json manifest) and a final
 `NAME.safetensors`; honours `--resume DIR`. Faults on demand: hang, sigstop, crash, crawl, silent-caching,
-silent-saving, flood, linger (never exits after the final save); `--spawn-children` starts grandchildren
+silent-saving, flood, linger (never exits after the final save), oom (dies like torch out of memory while
+`--blocks_to_swap` < `--oom-below`); `--spawn-children` starts grandchildren
 (one ignores SIGTERM, one in its own session).
 Stdlib only (plus the stdlib heartbeat writer from sd-scripts/library). Records each launch for the tests.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "sd-scripts"))
 
-FAULTS = ("none", "hang", "sigstop", "crash", "crawl", "silent-caching", "silent-saving", "flood", "linger")
+FAULTS = ("none", "hang", "sigstop", "crash", "crawl", "silent-caching", "silent-saving", "flood", "linger", "oom")
 
 
 def parse_args(argv):
@@ -52,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--crawl-steps", type=int, default=4)
     p.add_argument("--flood-mb", type=int, default=50)
     p.add_argument("--spawn-children", action="store_true")
+    p.add_argument("--blocks_to_swap", type=int, default=0, help="as the trainer's; the last value counts")
+    p.add_argument("--oom-below", type=int, default=10**6, help="oom fault only while --blocks_to_swap < this")
     return p.parse_args(argv)
 
 
@@ -162,6 +165,10 @@ class Fake:
             _hang_forever()
         if self.should_fault("sigstop", step, started_at):
             os.kill(os.getpid(), signal.SIGSTOP)
+        if a.fault == "oom" and a.blocks_to_swap < a.oom_below and self.should_fault("oom", step, started_at):
+            print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (fake)", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
         if self.should_fault("crash", step, started_at):
             print("Traceback (most recent call last):\nRuntimeError: fake trainer crash", file=sys.stderr, flush=True)
             os._exit(a.crash_code)

@@ -108,7 +108,7 @@ def test_step_deadline_follows_p99_of_step_times():
 
 
 def test_log_parser_reads_upstream_markers_across_chunks_and_carriage_returns():
-    from monitor_progress import LogParser
+    from fluxgym.supervise.progress import LogParser
 
     p = LogParser()
     p.feed(b"caching latents...\n 50%|#####     | 1/2 [00:01<00:01]\r")
