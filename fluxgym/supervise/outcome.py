@@ -29,7 +29,8 @@ class RunOutcome:
     total_steps: int | None = None
     epoch: int | None = None
     # Beyond the contract (engine.md): how it ended, for the monitor's exit codes, and the last output lines.
-    ended_by: str = ""  # finished | finished_unclean | stall | exit | gave_up | oom | fatal | launch_failed | usage | stopped
+    # finished | finished_unclean | no_lora | stall | exit | gave_up | oom | fatal | launch_failed | usage | stopped
+    ended_by: str = ""
     tail: list[str] = field(default_factory=list)
     stalled: bool = False  # the last launch was ended by the stall detector
 
@@ -74,6 +75,9 @@ def hint_for(ended_by: str, kind: ExitKind | None, resume_command: str | None, *
         return f"the trainer ended without writing {detail.get('lora')}; read the log above for why"
     if ended_by == "finished_unclean":
         return None
+    if ended_by == "oom" and detail.get("more") is not None:
+        return (f"add --blocks_to_swap {detail['more']} to the command (it saves GPU memory and does not change "
+                f"the result), then {resume_hint(resume_command)[3:]}")
     if ended_by == "oom":
         return (f"the GPU ran out of memory even with --blocks_to_swap {detail.get('blocks')}: lower the resolution "
                 f"or the batch size (or pick a smaller VRAM preset), then {resume_hint(resume_command)[3:]}")

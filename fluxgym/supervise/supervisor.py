@@ -158,6 +158,9 @@ class Supervisor:
                     counted += 1
                 if self._stop.is_set() or self._stop_marker():
                     return self._finish(("stopped", "stopped"), res, restarts, blocks, tried)
+                if not argv:  # adopted with no command to relaunch
+                    return self._finish(("failed", "stall" if res.stall else "exit"), res, restarts, blocks, tried,
+                                        kind=kind, what=f"training {what}; no command to restart it with")
                 argv, resume_step = self._restart_argv(argv, blocks if reason == "oom" else None)
                 restarts.append({"reason": reason, "detail": what if reason != "oom" else kind.detail,
                                  "at_step": res.step, "blocks_to_swap": blocks, "time": time.time()})
@@ -242,7 +245,9 @@ class Supervisor:
             by = res.by or ("user" if self._stop.is_set() or self._stop_marker() else "signal")
             self.emit("stopped", f"training stopped ({'on request' if by == 'user' else 'by a signal'})", by=by)
             return out
-        if ended_by == "oom":
+        if ended_by == "oom" and not self.policy.auto_resume:
+            out.error = f"out of GPU memory at --blocks_to_swap {blocks or 0}; not restarting (auto-resume off)"
+        elif ended_by == "oom":
             steps = " -> ".join(str(b) for b in tried)
             out.error = (f"out of GPU memory at --blocks_to_swap {blocks or 0} (tried {steps}; the top for this "
                          f"model is {top}): {kind.detail if kind else ''}").rstrip(": ")
@@ -258,7 +263,8 @@ class Supervisor:
         if what and ended_by in ("gave_up",):
             out.error = f"{what}; last error: {out.error}"
         out.hint = hint_for(ended_by, kind or (classify_exit(res.rc, lines) if res.kind == "exit" else None),
-                            self.spec.resume_command, program=(self.spec.argv or ["?"])[0], lora=lora, blocks=blocks)
+                            self.spec.resume_command, program=(self.spec.argv or ["?"])[0], lora=lora, blocks=blocks,
+                            more=next_blocks_to_swap(blocks, top, self.policy.oom_step) if top else None)
         self.emit("failed", what or out.error, error=out.error, exit_code=res.rc, hint=out.hint, ended_by=ended_by)
         return out
 

@@ -23,7 +23,8 @@ from fluxgym.prepare import prepare_dataset
 from fluxgym.supervise import Deadlines, RestartPolicy, RunSpec, Supervisor, read_events
 from fluxgym.tiny_training import make_dataset, trainer_args
 
-pytestmark = pytest.mark.skipif(not DEFAULT_TRAINER.is_file(), reason=f"{DEFAULT_TRAINER} is not there")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not DEFAULT_TRAINER.is_file(), reason=f"{DEFAULT_TRAINER} is not there")]
 REPO = Path(__file__).resolve().parents[2]
 CHECK = 2.0  # the supervisor's check interval under `fluxgym train`
 SLACK = 5.0
@@ -109,7 +110,7 @@ def test_two_process_job_with_one_stalled_rank_is_ended_resumed_and_finished(tin
             beats.update({r: json.loads((out / n).read_text()) for r, n in ((0, "heartbeat.json"),
                                                                             (1, "heartbeat-rank1.json"))})
 
-    sup = Supervisor(spec, deadlines=Deadlines(stuck_threshold=10, first_step=12), check_interval=0.5,
+    sup = Supervisor(spec, deadlines=Deadlines(stuck_threshold=8, first_step=8), check_interval=0.5,
                      kill_grace=2.0, dump_wait=2.0, on_event=on_event, policy=RestartPolicy(max_restarts=2))
     outcome = sup.run()
     assert outcome.state == "done", [e["message"] for e in events if e["event"] in ("failed", "stall", "restart")]
