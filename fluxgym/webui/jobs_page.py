@@ -74,6 +74,11 @@ def job_summary(j: dict) -> str:
     return text
 
 
+def _choices(jobs: list[dict]) -> list[tuple[str, str]]:
+    """Dropdown entries: "3: my-lora (running)" shown, the id kept as the value."""
+    return [(f"{j['id']}: {j['lora']} ({j['state']})", str(j["id"])) for j in jobs]
+
+
 def _checkpoint_choices(job) -> list[str]:
     return ["auto"] + [c["path"] for c in actions.job_checkpoints(job) if c["kind"] == "state" and c["valid"]]
 
@@ -113,7 +118,7 @@ def build_jobs(root: Path) -> gr.Timer:
         df = pd.DataFrame({"step": [p[0] for p in pts], "loss": [p[1] for p in pts]})
         samples = [(s["path"], s["name"]) for s in actions.job_samples(job)]
         ckpts = _checkpoint_choices(job)
-        return (job_rows(jobs), gr.update(choices=ids, value=sel), gr.update(choices=ckpts),
+        return (job_rows(jobs), gr.update(choices=_choices(jobs), value=sel), gr.update(choices=ckpts),
                 job_summary(jd), df, samples, "\n".join(actions.job_log(job, 60)))
 
     outs = [table, job_dd, ckpt_dd, summary, loss, gallery, log]
@@ -176,8 +181,7 @@ def build_checkpoints(root: Path) -> None:
         rows = [[c["kind"], Path(c["path"]).name, c["step"], c["epoch"], round((c["size"] or 0) / 2**20, 2),
                  "yes" if c["valid"] else "no", c["reason"]] for c in cks]
         loras = [c["path"] for c in cks if c["kind"] == "model" and c["valid"]]
-        labels = [f"{j['id']}" for j in jobs]
-        return (gr.update(choices=labels, value=sel), rows, gr.update(choices=_checkpoint_choices(job)),
+        return (gr.update(choices=_choices(jobs), value=sel), rows, gr.update(choices=_checkpoint_choices(job)),
                 loras or None)
 
     outs = [job_dd, table, ckpt_dd, lora_file]

@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -93,10 +94,21 @@ def create_app(root: Path, *, worker=None, auth: list[tuple[str, str]] | None = 
                                     headers={"WWW-Authenticate": 'Basic realm="fluxgym"'})
             return await call_next(request)
     app.include_router(build_router(root, worker))
+    # The trainer's settings check imports torch (seconds); do it now so the first keystroke's preview is quick.
+    threading.Thread(target=_warm_up, name="fluxgym-ui-warmup", daemon=True).start()
     blocks = build_blocks(root)
     return gr.mount_gradio_app(app, blocks, path="", auth=auth or None,
                                allowed_paths=[str(root / "outputs")], show_error=True,
                                footer_links=[], theme=gr.themes.Soft(), css=_CSS)
+
+
+def _warm_up() -> None:
+    try:
+        from fluxgym.webui.form import check_with_trainer
+
+        check_with_trainer([])
+    except Exception:  # the empty argv is refused; only the imports matter
+        pass
 
 
 _CSS = ("#jobs_table table {font-size: 0.9em} .gradio-container {max-width: 1400px !important} "
