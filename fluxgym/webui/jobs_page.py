@@ -53,7 +53,8 @@ def job_summary(j: dict) -> str:
         return head + "\n\nThe run ended but **no LoRA file was found**; it is not a success. Retry the job."
     if state == "failed":
         first = j.get("error") or "the trainer exited with an error (see the log)"
-        return head + f"\n\n**Error:** {first}\n\n**What to do:** {j.get('hint') or 'read the log below, fix it, then Retry.'}"
+        todo = j.get("hint") or "read the log below, fix it, then Retry."
+        return head + f"\n\n**Error:** {first}\n\n**What to do:** {todo}"
     if state == "stopped":
         return head + ("\n\nStopped: every process of this run has ended. **Resume** continues from the newest "
                        "checkpoint (or pick one).")

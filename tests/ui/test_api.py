@@ -10,11 +10,9 @@ import json
 import os
 import subprocess
 import threading
-import tomllib
-from pathlib import Path
 
 import pytest
-
+import tomllib
 from conftest import write_images
 
 BASE = {"vram": "cpu", "base_model": "demo", "epochs": 1, "save_every": 1, "repeats": 1, "workers": 0}

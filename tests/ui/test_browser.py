@@ -7,13 +7,12 @@ sample shown. A screenshot of each page is written under the folder this test pr
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.request
-import json
 
 import pytest
-
 from conftest import CHROMIUM_ARGS, UIServer, free_port
 
 TIMEOUT_MS = 120_000

@@ -1,11 +1,9 @@
 """Uploaded files: names sanitised, only images, a size limit, one fresh staging folder per upload."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
 from conftest import write_images
+
 from fluxgym.webui import uploads
 from fluxgym.webui.form import FieldError
 
