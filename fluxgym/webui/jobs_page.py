@@ -36,7 +36,8 @@ def job_rows(jobs: list[dict]) -> list[list]:
         ckpt = ""
         if j.get("last_checkpoint"):
             ckpt = f"{Path(j['last_checkpoint']).name} (step {j.get('last_checkpoint_step')})"
-        restarts = f"{j['restarts']}: {j['restarts_text']}" if j.get("restarts") else "0"
+        reasons = [r.get("reason", "?") if isinstance(r, dict) else str(r) for r in j.get("restart_reasons") or []]
+        restarts = f"{j['restarts']} ({', '.join(reasons)})" if j.get("restarts") else "0"  # details: summary
         rows.append([j["id"], j["lora"], j["state"] + (" (stopping)" if j.get("stop_requested") and
                                                         j["state"] in ACTIVE else ""),
                      j.get("phase") or "", _step(j), j.get("epoch") if j.get("epoch") is not None else "",
@@ -45,6 +46,13 @@ def job_rows(jobs: list[dict]) -> list[list]:
 
 
 def job_summary(j: dict) -> str:
+    text = _state_summary(j)
+    if j.get("restarts") or j.get("restarts_text"):
+        text += f"\n\nRestarted {j.get('restarts') or 0} time(s): {j['restarts_text']}"
+    return text
+
+
+def _state_summary(j: dict) -> str:
     state = j["state"]
     head = f"### Job {j['id']}: `{j['lora']}` is **{state}**"
     if j["success"]:
@@ -69,10 +77,7 @@ def job_summary(j: dict) -> str:
         bits.append(f"{j['it_per_s']:.2f} it/s")
     if j.get("eta_s") is not None:
         bits.append(f"ETA {_eta(j['eta_s'])}")
-    text = head + "\n\n" + ", ".join(bits)
-    if j.get("restarts"):
-        text += f"\n\nRestarted {j['restarts']} time(s): {j['restarts_text']}"
-    return text
+    return head + "\n\n" + ", ".join(bits)
 
 
 def _choices(jobs: list[dict]) -> list[tuple[str, str]]:
