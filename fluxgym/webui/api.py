@@ -42,6 +42,18 @@ def _guard(fn):
         return _error(409, str(exc), "state")
 
 
+def install_error_handlers(app) -> None:
+    """FastAPI's own validation errors (a body that is not a JSON object, a bad path value) in our shape."""
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        first = (exc.errors() or [{}])[0]
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
+        field = loc[-1] if loc else "body"
+        return _error(400, f"{field}: {first.get('msg', 'invalid value')}", field)
+
+
 def build_router(root: Path, worker=None) -> APIRouter:
     r = APIRouter(prefix="/api")
 

@@ -81,7 +81,7 @@ def create_app(root: Path, *, worker=None, auth: list[tuple[str, str]] | None = 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    from fluxgym.webui.api import build_router
+    from fluxgym.webui.api import build_router, install_error_handlers
     from fluxgym.webui.pages import build_blocks
 
     app = FastAPI(title="FluxGym", docs_url=None, redoc_url=None)
@@ -93,6 +93,7 @@ def create_app(root: Path, *, worker=None, auth: list[tuple[str, str]] | None = 
                                      "field": "authorization"}, status_code=401,
                                     headers={"WWW-Authenticate": 'Basic realm="fluxgym"'})
             return await call_next(request)
+    install_error_handlers(app)
     app.include_router(build_router(root, worker))
     # The trainer's settings check imports torch (seconds); do it now so the first keystroke's preview is quick.
     threading.Thread(target=_warm_up, name="fluxgym-ui-warmup", daemon=True).start()

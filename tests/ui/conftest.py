@@ -61,9 +61,10 @@ def client(api_root):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from fluxgym.webui.api import build_router
+    from fluxgym.webui.api import build_router, install_error_handlers
 
     app = FastAPI()
+    install_error_handlers(app)
     app.include_router(build_router(api_root))
     with TestClient(app) as c:
         yield c

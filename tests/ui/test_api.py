@@ -27,6 +27,12 @@ def test_health_and_empty_queue(client):
     assert client.get("/api/jobs").json() == {"jobs": []}
     r = client.get("/api/jobs/7")
     assert r.status_code == 404 and r.json()["field"] == "id"
+    r = client.post("/api/jobs", json=["not", "an", "object"])
+    assert r.status_code == 400 and r.json()["field"] == "body", r.text
+    r = client.get("/api/jobs/abc")
+    assert r.status_code == 400 and r.json()["field"] == "job_id", r.text
+    r = client.get("/api/jobs/1/log?tail=0")
+    assert r.status_code == 400 and r.json()["field"] == "tail", r.text
 
 
 @pytest.mark.parametrize("field,value,needle", [
