@@ -66,13 +66,13 @@ def _print_jobs(jobs, as_json: bool) -> None:
     if not jobs:
         print("no jobs; add one with `python -m fluxgym queue add NAME --vram ...`")
         return
-    print(f"{'ID':>4}  {'LORA':20}  {'STATE':11}  {'PHASE':10}  {'STEP':>11}  {'EPOCH':>5}  {'RST':>3}  DETAIL")
+    print(f"{'ID':>4}  {'LORA':20}  {'STATE':11}  {'PHASE':15}  {'STEP':>11}  {'EPOCH':>5}  {'RST':>3}  DETAIL")
     for j in jobs:
         step = f"{j.step if j.step is not None else '-'}/{j.total_steps or '?'}"
         detail = j.error or j.lora_file or (f"checkpoint {j.last_checkpoint}" if j.last_checkpoint else "")
         if j.stop_requested and j.active:
             detail = "stop requested; " + detail
-        print(f"{j.id:>4}  {j.lora[:20]:20}  {j.state:11}  {(j.phase or '-')[:10]:10}  {step:>11}  "
+        print(f"{j.id:>4}  {j.lora[:20]:20}  {j.state:11}  {(j.phase or '-')[:15]:15}  {step:>11}  "
               f"{j.epoch if j.epoch is not None else '-':>5}  {j.restarts:>3}  {detail}")
 
 

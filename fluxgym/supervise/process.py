@@ -113,14 +113,17 @@ class ProcessTree:
         self.known: dict[int, psutil.Process] = {}
         self.refresh()
 
-    def refresh(self) -> None:
+    def refresh(self, scan_group: bool = False) -> None:
+        """Pick up new descendants; `scan_group` also walks every process for members of the group
+        (needed when ending the tree, too slow to do on every check of a long run)."""
         roots = [p for p in self.known.values() if _running(p)]
         if process_alive(self.rec):
             try:
                 roots.append(psutil.Process(self.rec.pid))
             except psutil.Error:
                 pass
-        roots += _group_members(self.rec)
+        if scan_group or not self.known:
+            roots += _group_members(self.rec)
         for p in roots:
             self.known.setdefault(p.pid, p)
             try:
@@ -163,7 +166,7 @@ class ProcessTree:
 
     def terminate(self, grace: float, confirm: float = 10.0) -> list[int]:
         """TERM everything, wait up to `grace` s (picking up late children), KILL the rest; pids still alive."""
-        self.refresh()
+        self.refresh(scan_group=True)
         if not self.alive():
             return []
         self._signal_all(kill=False)
@@ -172,7 +175,7 @@ class ProcessTree:
                 self._signal_all(kill=True)
             end = time.monotonic() + wait
             while time.monotonic() < end:
-                self.refresh()
+                self.refresh(scan_group=True)
                 if not self.alive():
                     return []
                 time.sleep(0.05)

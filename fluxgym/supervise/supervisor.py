@@ -355,6 +355,7 @@ class Supervisor:
         return _Launch(kind, rc, tracker.advanced(), tracker.step, tracker.phase, tuple(text.lines(200)), by=by)
 
     def _exited(self, rc: int, tracker: ProgressTracker, tree: ProcessTree, drain, text: TextTail) -> _Launch:
+        tree.refresh(scan_group=True)  # children started since the last check are still in the group
         leftovers = [p.pid for p in tree.alive() if p.pid != tree.rec.pid]
         if leftovers:
             self.emit("leftovers", f"trainer exited but left processes {leftovers}; ending them", pids=leftovers)

@@ -54,8 +54,9 @@ def _wait_for_first_state(store, job_id, state_dir, final, timeout=600.0):
     raise AssertionError(f"no checkpoint {state_dir} within {timeout} s")
 
 
-def test_queue_of_three_demo_jobs_survives_a_worker_killed_mid_run(root, tmp_path):
-    ensure_tiny_models(root)
+def test_queue_of_three_demo_jobs_survives_a_worker_killed_mid_run(root, tmp_path, tiny_models):
+    (root / "models").symlink_to(tiny_models["unet"].parents[1])  # the session's tiny models: the demo layout
+    ensure_tiny_models(root)  # finds them present; builds nothing
     src = tmp_path / "shapes"
     src.mkdir()
     write_demo_images(src, n=4)

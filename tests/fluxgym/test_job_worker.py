@@ -171,9 +171,9 @@ def test_stall_restart_and_give_up_are_job_transitions(root, stand_in, tmp_path)
     job, _ = stand_in_job(root, "Frozen")
     stand_in.setenv("FG_MODE", "spawn")  # prints one line, then never progresses
     stand_in.setenv("FG_PIDS", str(tmp_path / "pids.json"))
-    quick = Deadlines(loading=1.0, caching=1.0, stuck_threshold=1.0, first_step=1.0)
-    worker = Worker(root, poll=0.2, grace=1.0, deadlines=quick, policy=RestartPolicy(max_restarts=1),
-                    supervisor_factory=functools.partial(Supervisor, check_interval=0.2, kill_grace=1.0,
+    quick = Deadlines(loading=0.6, caching=0.6, stuck_threshold=0.6, first_step=0.6)
+    worker = Worker(root, poll=0.2, grace=0.3, deadlines=quick, policy=RestartPolicy(max_restarts=1),
+                    supervisor_factory=functools.partial(Supervisor, check_interval=0.2, kill_grace=0.3,
                                                          dump_wait=0.5))
     assert worker.run_until_idle() == 1
     store = JobStore.open(root)
@@ -189,7 +189,7 @@ def test_stall_restart_and_give_up_are_job_transitions(root, stand_in, tmp_path)
 def test_one_job_per_gpu_side_by_side(root, stand_in):
     jobs = [stand_in_job(root, name) for name in ("On Zero", "On One", "Third")]
     stand_in.setenv("FG_MODE", "slow")
-    stand_in.setenv("FG_SLEEP", "1.0")
+    stand_in.setenv("FG_SLEEP", "0.6")
     assert Worker(root, gpus=["0", "1"], poll=0.2, supervisor_factory=fast).run_until_idle() == 0
     store = JobStore.open(root)
     rows = [store.get(job.id) for job, _ in jobs]
