@@ -149,9 +149,8 @@ def _run(a, root: Path, extra: list[str]) -> int:
     from fluxgym.runner import run_training
     from fluxgym.supervise import RestartPolicy
 
+    deadlines = deadlines_from(a)  # ValueError naming the flag: exit 2 before anything starts
     paths = resolve_existing(root, a.name)
-    if a.max_restarts < 0:
-        raise ValueError(f"--max-restarts {a.max_restarts}: must be 0 or more")
     policy = RestartPolicy(auto_resume=not a.no_auto_resume, max_restarts=a.max_restarts)
     # The trainer runs in its own session, so a TERM/HUP meant for us would leave it running unsupervised
     # (and writing into a pipe nobody reads): treat them like Ctrl-C.
@@ -159,7 +158,7 @@ def _run(a, root: Path, extra: list[str]) -> int:
     old = {s: signal.signal(s, _interrupt) for s in sigs}
     try:
         res = run_training(paths, extra, echo=None if a.quiet else sys.stdout, grace=a.grace,
-                           deadlines=deadlines_from(a), policy=policy)
+                           deadlines=deadlines, policy=policy)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

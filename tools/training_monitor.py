@@ -75,6 +75,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.command = command
     if args.check_interval <= 0 or args.max_restarts < 0:
         raise SystemExit("training_monitor.py: error: --check-interval must be > 0 and --max-restarts >= 0")
+    try:
+        deadlines_from(args)
+    except ValueError as exc:
+        raise SystemExit(f"training_monitor.py: error: {exc}") from None
     if not command and args.auto_resume and args.train_script is None:
         raise SystemExit("training_monitor.py: error: attach mode with --auto-resume needs --train-script PATH")
     if args.train_script is not None and not args.train_script.is_file():

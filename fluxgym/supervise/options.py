@@ -29,7 +29,19 @@ def add_deadline_flags(p: argparse.ArgumentParser, *, restart_cap: bool = True) 
                    help=f"sample generation (default {d.sampling:g})")
 
 
+_FLAGS = {"loading_timeout": "--loading-timeout", "caching_timeout": "--caching-timeout",
+          "save_timeout": "--save-timeout", "sample_timeout": "--sample-timeout",
+          "stuck_threshold": "--stuck-threshold", "first_step_timeout": "--first-step-timeout"}
+
+
 def deadlines_from(args: argparse.Namespace) -> Deadlines:
+    """The Deadlines the flags ask for; ValueError naming the flag when one is not a positive number."""
+    for attr, flag in _FLAGS.items():
+        value = getattr(args, attr)
+        if not value > 0:  # also refuses nan
+            raise ValueError(f"{flag} {value:g}: must be more than 0 seconds")
+    if getattr(args, "max_restarts", 0) < 0:
+        raise ValueError(f"--max-restarts {args.max_restarts}: must be 0 or more")
     return Deadlines(loading=args.loading_timeout, caching=args.caching_timeout, saving=args.save_timeout,
                      sampling=args.sample_timeout, stuck_threshold=args.stuck_threshold,
                      first_step=args.first_step_timeout)

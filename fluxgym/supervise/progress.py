@@ -5,7 +5,7 @@
 - `ProgressTracker`: merges the heartbeats of every rank (most trusted), the markers and file activity in
   the output folder into one "last progress" time, applies the phase deadlines, the first-step deadline,
   and the slow-crawl warning. GPU utilisation is deliberately not an input.
-Stdlib only.
+Stdlib + psutil only.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import psutil
 
 from fluxgym._paths import use_sd_scripts
 
@@ -243,6 +245,8 @@ class ProgressTracker:
         for rank, hb in sorted(rank_heartbeats(self.output_dir).items()):
             if not isinstance(hb.get("time"), (int, float)):
                 continue
+            if rank and not (isinstance(hb.get("pid"), int) and psutil.pid_exists(hb["pid"])):
+                continue  # a rank file left by an earlier run with more processes: nobody beats into it now
             changed = self.clock() - max(0.0, time.time() - hb["time"])
             self.ranks[rank] = _Rank(self._key(hb), changed, hb)
         if self.ranks:

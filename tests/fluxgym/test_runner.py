@@ -182,3 +182,26 @@ def test_exit_descriptions():
     assert "hang guard" in describe_exit(124)
     assert describe_exit(-9) == "killed by signal SIGKILL"
     assert describe_exit(1) == "exit code 1"
+
+
+def test_train_supervision_flags(root, tmp_path, monkeypatch, capsys):
+    """--no-auto-resume and --max-restarts reach the supervisor; a bad deadline is refused before a launch."""
+    from fluxgym.supervise import read_events
+
+    paths, _ = setup_lora(root)
+    for k, v in stand_in_env(tmp_path, FG_MODE="fail").items():
+        monkeypatch.setenv(k, v)
+
+    def launches() -> int:
+        events, _ = read_events(paths.out("events.jsonl"))
+        return sum(e["event"] == "started" and e["run"] == events[-1]["run"] for e in events)
+
+    assert main(["train", "my-lora", "--root", str(root), "--quiet", "--no-auto-resume"]) == 1
+    assert launches() == 1
+    assert main(["train", "my-lora", "--root", str(root), "--quiet", "--max-restarts", "1"]) == 1
+    assert launches() == 2
+    assert "python -m fluxgym resume my-lora" in capsys.readouterr().err  # a crash: resuming can help
+    before = paths.out("events.jsonl").stat().st_size
+    assert main(["train", "my-lora", "--root", str(root), "--stuck-threshold", "0"]) == 2
+    assert "--stuck-threshold 0: must be more than 0 seconds" in capsys.readouterr().err
+    assert paths.out("events.jsonl").stat().st_size == before
