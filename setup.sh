@@ -26,9 +26,25 @@ if [ "$(cat .venv/.requirements-hash 2>/dev/null || true)" != "$REQ_HASH" ]; the
     # Only the CLIP BPE vocabulary is used from open_clip; its dependencies (torchvision, timm)
     # would pull a CUDA torch, so it is installed without them.
     "$VPY" -m pip install -q --no-deps open_clip_torch==3.3.0
+    # gradio caps pillow<13; its dependencies are pinned in requirements.txt, so install it alone.
+    "$VPY" -m pip install -q --no-deps gradio==6.31.0
     echo "$REQ_HASH" > .venv/.requirements-hash
+fi
+
+# The browser tests (tests/ui) drive Debian's chromium through Playwright; Playwright's own browser
+# download is not used (it needs network access the tests must not have).
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "[setup] installing chromium (apt-get) for the web UI browser tests"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+    else
+        echo "[setup] warning: /usr/bin/chromium is missing; the browser tests need it:" >&2
+        echo "        sudo apt-get update && sudo apt-get install -y chromium" >&2
+    fi
 fi
 
 echo "[setup] building the embedded demo (models/, datasets/demo, outputs/demo)"
 "$VPY" -m fluxgym demo --root "$ROOT"
-echo "[setup] done. Train the demo LoRA with: bash outputs/demo/train.sh"
+echo "[setup] done. Start the web UI with: .venv/bin/python -m fluxgym ui   (then open http://127.0.0.1:7860)"
+echo "        or train the demo LoRA from the shell: bash outputs/demo/train.sh"

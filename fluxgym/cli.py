@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d, name=False)
     d.add_argument("--force", action="store_true", help="rebuild the tiny models even if present")
     add_job_parsers(sub, _add_common, _add_generate_options)
+    # `ui` has its own parser (fluxgym.webui.server); listed here so --help shows it.
+    sub.add_parser("ui", help="web UI + JSON API (python -m fluxgym ui --help)", add_help=False)
     return parser
 
 
@@ -240,6 +242,11 @@ COMMANDS = {"prepare": _cmd_prepare, "generate": _cmd_generate, "train": lambda 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ui"]:
+        from fluxgym.webui.server import main as ui_main  # lazy: gradio is heavy and only the UI needs it
+
+        return ui_main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     root = (args.root or _default_root()).resolve()

@@ -102,17 +102,19 @@ def _sample_prompts_text(o: GenerateOptions, trigger: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def build_request(o: GenerateOptions) -> tuple[TrainRequest, ProjectPaths, str]:
-    """Validate everything and return the request (no files written). Third item: sample prompts text."""
+def build_request(o: GenerateOptions, *, check_dataset: bool = True) -> tuple[TrainRequest, ProjectPaths, str]:
+    """Validate everything and return the request (no files written). Third item: sample prompts text.
+
+    `check_dataset=False` is for previews (the web UI) before the dataset folder is filled."""
     preset = get_preset(o.vram)
     paths = project_paths(o.root, o.name)
     resolution = o.resolution if o.resolution is not None else preset.resolution
     workers = o.workers if o.workers is not None else preset.workers
     _check_numbers(o, resolution, workers)
-    if not paths.dataset_dir.is_dir():
+    if check_dataset and not paths.dataset_dir.is_dir():
         raise DatasetError(f"dataset folder not found: {paths.dataset_dir}; run "
                            f"`python -m fluxgym prepare {paths.slug} --images DIR` first")
-    if len(list_images(paths.dataset_dir)) < MIN_IMAGES:
+    if check_dataset and len(list_images(paths.dataset_dir)) < MIN_IMAGES:
         raise DatasetError(f"{paths.dataset_dir} has fewer than {MIN_IMAGES} images; run `prepare` again")
     models = resolve_base_model(paths.root, o.base_model)
     trigger = o.name if o.trigger is None else check_one_line(o.trigger, "--trigger")
@@ -131,24 +133,29 @@ def build_request(o: GenerateOptions) -> tuple[TrainRequest, ProjectPaths, str]:
     return req, paths, prompts
 
 
-def generate(o: GenerateOptions) -> GenerateResult:
-    req, paths, prompts = build_request(o)
-    claim_slug(paths, o.name)
+def render_files(req: TrainRequest, paths: ProjectPaths, prompts: str, repeats: int) -> dict[str, str]:
+    """The text of train.sh, train.bat, dataset.toml and sample_prompts.txt (pure; `generate` writes them)."""
     argv = build_argv(req)
     toml_header = header_lines(req, "sh")[:2] + [
         "Written with real TOML escaping: the trigger round-trips exactly.",
         f"Used by outputs/{req.slug}/train.sh; `generate` rewrites this file.",
     ]
-    config = dataset_config(paths.dataset_dir, resolution=req.resolution, trigger=req.trigger, repeats=o.repeats)
-    files = {
-        "train.sh": paths.out("train.sh"), "train.bat": paths.out("train.bat"),
-        "dataset.toml": paths.out("dataset.toml"), "sample_prompts.txt": paths.out("sample_prompts.txt"),
-    }
+    config = dataset_config(paths.dataset_dir, resolution=req.resolution, trigger=req.trigger, repeats=repeats)
     prompt_header = "".join(f"# {h}\n" for h in header_lines(req, "sh")[:2])
-    write_text_atomic(files["train.sh"], render_sh(req, argv), mode=0o755)
-    write_text_atomic(files["train.bat"], render_bat(req, argv), newline="")
-    write_text_atomic(files["dataset.toml"], render_dataset_toml(config, toml_header))
-    write_text_atomic(files["sample_prompts.txt"], prompt_header + prompts)
+    return {"train.sh": render_sh(req, argv), "train.bat": render_bat(req, argv),
+            "dataset.toml": render_dataset_toml(config, toml_header), "sample_prompts.txt": prompt_header + prompts}
+
+
+def generate(o: GenerateOptions) -> GenerateResult:
+    req, paths, prompts = build_request(o)
+    claim_slug(paths, o.name)
+    argv = build_argv(req)
+    texts = render_files(req, paths, prompts, o.repeats)
+    files = {name: paths.out(name) for name in texts}
+    write_text_atomic(files["train.sh"], texts["train.sh"], mode=0o755)
+    write_text_atomic(files["train.bat"], texts["train.bat"], newline="")
+    write_text_atomic(files["dataset.toml"], texts["dataset.toml"])
+    write_text_atomic(files["sample_prompts.txt"], texts["sample_prompts.txt"])
     info = {"generator": f"fluxgym {__version__}", "slug": req.slug, "preset": req.preset.name,
             "preset_version": req.preset.version, "base_model": o.base_model,
             "model_files": {k: str(v) for k, v in req.models.files().items()},
