@@ -98,6 +98,15 @@ def missing_files(files: ModelFiles) -> list[Path]:
     return [p for p in files.files().values() if not p.exists()]
 
 
+def check_model_files(files: ModelFiles) -> None:
+    """Raise one error that lists every missing file and the command that provides it."""
+    missing = missing_files(files)
+    if missing:
+        lines = [f"  - {p}\n      get it with: {files.fetch.get(str(p), 'python -m fluxgym models download KEY')}"
+                 for p in missing]
+        raise ModelError("missing model files:\n" + "\n".join(lines))
+
+
 def download(root: Path, key: str, models_yaml: Path = MODELS_FILE) -> list[Path]:
     """Fetch a models.yaml entry's files (or one shared encoder: clip_l, t5xxl, ae) into models/."""
     root = Path(root).resolve()
