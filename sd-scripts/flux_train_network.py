@@ -56,34 +56,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
-    from library.settings import SettingsError, settings_from_args
+    from library.errors import EXIT_INTERRUPTED, UserError, exit_code_for
 
     try:
-        settings = settings_from_args(ns)
-    except SettingsError as exc:
+        return _train(ns)
+    except UserError as exc:  # the one place errors become exit codes (library/errors.py lists them)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # FIX: never wait on a hub download mid-run
-    from library.trainer import FluxLoRATrainer
-
-    try:
-        return FluxLoRATrainer(settings).train()
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is intact; resume with --resume auto", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        if not _is_user_error(exc):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INTERRUPTED
 
 
-def _is_user_error(exc: BaseException) -> bool:
-    """Our own clear errors (bad file, bad flag, mismatch) print one line; anything else keeps its traceback."""
-    names = {"SettingsError", "ModelFileError", "TokenizerNotFoundError", "DatasetConfigError",
-             "ResumeMismatchError", "ConfigFileError", "CacheError", "CheckpointLoadError", "LoRAWeightsError",
-             "SamplePromptError", "DatasetError"}
-    return type(exc).__name__ in names or isinstance(exc, FileNotFoundError)
+def _train(ns: argparse.Namespace) -> int:
+    from library.preflight import run_preflight
+    from library.settings import settings_from_args
+
+    settings = settings_from_args(ns)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # FIX: never wait on a hub download mid-run
+    plan = run_preflight(settings, command=list(sys.argv))  # every check that needs no weights, and the run id
+    for line in plan.messages:
+        print(line, flush=True)
+    from library.trainer import FluxLoRATrainer
+
+    return FluxLoRATrainer(settings, plan).train()
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 - `save_lora_file`: atomic safetensors write carrying `fluxtrain_data_sha256` (tensor-data hash).
 - `save_state_folder`: accelerate state + `train_state.json` + `checkpoint.json` (last) published by rename.
-- `load_state_folder`: validates, checks resume settings, restores via accelerate, and reports what could not be
-  restored (old RNG pickles without `step`, pickles rejected by `weights_only`).
+- `inspect_state_folder`: validates a state folder and checks resume settings (preflight, before models load);
+  `restore_state_folder` restores it via accelerate and reports what could not be restored (old RNG pickles
+  without `step`, pickles rejected by `weights_only`); `load_state_folder` does both.
 - `rotate`: keeps the newest N complete checkpoints per kind, deleting only after the new one is in place.
 """
 
@@ -29,6 +30,7 @@ from library.checkpoint_validation import (
     read_train_state,
     validate_state_dir,
 )
+from library.errors import ResumeError
 from library.fault_injection import inject_point
 
 logger = logging.getLogger(__name__)
@@ -36,11 +38,11 @@ logger = logging.getLogger(__name__)
 RNG_FILE = "random_states_0.pkl"
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(ResumeError):
     """A setting that must match on resume differs between the checkpoint and this run."""
 
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(ResumeError, RuntimeError):
     """The state folder cannot be used for --resume."""
 
 
@@ -52,6 +54,7 @@ class ResumeInfo:
     warnings: list[str]
     has_manifest: bool = False
     path: Path | None = None
+    run_id: int | None = None  # the run that wrote it (None: upstream-made or older)
 
 
 # ---------------------------------------------------------------- LoRA files
@@ -105,6 +108,7 @@ def save_state_folder(
     resume_settings: dict,
     args_digest: str,
     current_epoch_1based: int,
+    run_id: int | None = None,
     ops: atomic_io.FsOps | None = None,
 ) -> Path:
     """Write an upstream-layout state folder under a temp name and publish it complete (manifest last)."""
@@ -123,7 +127,8 @@ def save_state_folder(
                 "epoch": int(epoch),
                 "data_position": {k: int(v) for k, v in data_position.items()},
                 "versions": _versions(),
-                "args_digest": args_digest,
+                "args_digest": args_digest,  # the run's settings hash
+                "run_id": run_id,
                 "resume_settings": _jsonable(resume_settings),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
@@ -174,8 +179,18 @@ def load_state_folder(path, *, accelerator, resume_settings: dict) -> ResumeInfo
 
     `warnings` lists what could not be restored or checked; the caller logs them (this function does not).
     """
+    info = inspect_state_folder(path, resume_settings=resume_settings)
+    restore_state_folder(info, accelerator=accelerator)
+    return info
+
+
+def inspect_state_folder(path, *, resume_settings: dict, validated: CheckpointInfo | None = None) -> ResumeInfo:
+    """Everything about a resume target that needs no model: valid, settings match, step and data position.
+
+    `validated`: the folder's CheckpointInfo when the caller has just validated it (not hashed twice).
+    """
     path = Path(path)
-    info: CheckpointInfo = validate_state_dir(path)
+    info: CheckpointInfo = validated if validated is not None and validated.valid else validate_state_dir(path)
     if not info.valid:
         raise CheckpointLoadError(
             f"--resume {path}: not a usable checkpoint ({info.reason}). "
@@ -187,17 +202,24 @@ def load_state_folder(path, *, accelerator, resume_settings: dict) -> ResumeInfo
         warnings += check_resume_settings(manifest.get("resume_settings") or {}, resume_settings, path)
         step, epoch = manifest["step"], int(manifest.get("epoch", 0))
         data_position = manifest.get("data_position")
+        run_id = manifest.get("run_id") if isinstance(manifest.get("run_id"), int) else None
     else:
         ts = read_train_state(path)
         step = ts["current_step"]
         # upstream's current_epoch is the 1-based epoch in progress; completed epochs are one less at most
         epoch = max(int(ts.get("current_epoch", 1)) - 1, 0)
-        data_position = None
+        data_position, run_id = None, None
         warnings.append(
             f"{path.name} has no {atomic_io.MANIFEST_NAME} (written by upstream sd-scripts?): settings not checked, "
             f"data position derived from step {step}"
         )
     warnings += _probe_rng(path)
+    return ResumeInfo(step, epoch, data_position, warnings, info.has_manifest, path, run_id)
+
+
+def restore_state_folder(info: ResumeInfo, *, accelerator) -> None:
+    """Load an inspected state folder into `accelerator`; what could not be restored is added to info.warnings."""
+    path, warnings = info.path, info.warnings
     try:
         accelerator.load_state(str(path))
     except KeyError as exc:
@@ -209,7 +231,6 @@ def load_state_folder(path, *, accelerator, resume_settings: dict) -> ResumeInfo
             f"--resume {path}: accelerate could not load it ({type(exc).__name__}: {exc}). "
             "The network/optimizer settings must match the run that wrote it."
         ) from exc
-    return ResumeInfo(step, epoch, data_position, warnings, info.has_manifest, path)
 
 
 # ---------------------------------------------------------------- rotation

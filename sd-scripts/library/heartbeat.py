@@ -56,6 +56,8 @@ class Heartbeat:
             "phase_started": now,
             "last_checkpoint": None,
             "message": "",
+            "run_id": None,
+            "settings_hash": None,
         }
 
     # -- state updates -------------------------------------------------------------------------
@@ -69,6 +71,10 @@ class Heartbeat:
 
     def step(self, step: int, epoch: int) -> None:
         self._update(step=int(step), epoch=int(epoch), _throttle=True)
+
+    def identify(self, run_id: int, settings_hash: str) -> None:
+        """The run this trainer continues or starts (library.run_identity), so a monitor can tell runs apart."""
+        self._update(run_id=int(run_id), settings_hash=str(settings_hash))
 
     def checkpoint(self, path: str | os.PathLike) -> None:
         self._update(last_checkpoint=str(path))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 from library.atomic_io import atomic_file
+from library.errors import BadFileError
 from library.fault_injection import inject_point
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=T
 SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
-class SamplePromptError(ValueError):
+class SamplePromptError(BadFileError):
     """A --sample_prompts file cannot be read or has a malformed entry."""
 
 
