@@ -50,6 +50,15 @@ def checkpoint_validation():
     return importlib.import_module("library.checkpoint_validation")
 
 
+def earlier_runs(paths: ProjectPaths) -> list[dict]:
+    """Runs whose files a fresh start moved to outputs/<name>/runs/<id>/ (the trainer's run_identity)."""
+    try:
+        checkpoint_validation()  # puts sd-scripts on the path
+        return importlib.import_module("library.run_identity").archived_runs(paths.output_dir)
+    except (ImportError, OSError):
+        return []
+
+
 def newest_valid_state(paths: ProjectPaths):
     """CheckpointInfo of the newest complete state folder of this LoRA, or None."""
     return checkpoint_validation().newest_valid_state(paths.output_dir, output_name=paths.slug)
@@ -71,9 +80,10 @@ def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
     out = {"name": paths.slug, "state": state, "pid": pid_info["pid"] if running else None,
            "phase": None, "step": None, "total_steps": None, "epoch": None, "total_epochs": None,
            "last_checkpoint": None, "heartbeat_age_s": None, "message": None,
-           "last_run": last, "log_tail": log_tail(paths.out(LOG_FILE), lines)}
+           "last_run": last, "log_tail": log_tail(paths.out(LOG_FILE), lines), "run_id": None,
+           "earlier_runs": earlier_runs(paths)}
     if hb:
-        for key in ("phase", "step", "total_steps", "epoch", "total_epochs", "last_checkpoint", "message"):
+        for key in ("phase", "step", "total_steps", "epoch", "total_epochs", "last_checkpoint", "message", "run_id"):
             out[key] = hb.get(key)
         if isinstance(hb.get("time"), (int, float)):
             out["heartbeat_age_s"] = round(time.time() - hb["time"], 1)
@@ -89,6 +99,11 @@ def format_status(st: dict) -> str:
         if st["message"]:
             lines.append(f"message: {st['message']}")
     lines.append(f"last checkpoint: {st['last_checkpoint'] or 'none'}")
+    if st.get("run_id") is not None:
+        lines.append(f"run: {st['run_id']}")
+    for run in st.get("earlier_runs") or []:
+        lines.append(f"earlier run {run['run_id']}: {len(run['states'])} state folder(s), "
+                     f"{len(run['lora_files'])} LoRA file(s) in {run['path']}")
     if st["last_run"] and st["state"] != "running":
         lr = st["last_run"]
         lines.append(f"last run: exit code {lr.get('exit_code')}, LoRA: {lr.get('lora') or 'not written'}")
