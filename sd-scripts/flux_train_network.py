@@ -7,6 +7,7 @@ The parser and the trainer live in `library/`; this file only wires them togethe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -64,10 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # FIX: never wait on a hub download mid-run
-    from library.trainer import FluxLoRATrainer
+    from library import errors, run_stop
 
+    command = [sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])]
     try:
-        return FluxLoRATrainer(settings).train()
+        with _hold_output_folder(settings.save.output_dir, command):
+            from library.trainer import FluxLoRATrainer
+
+            return FluxLoRATrainer(settings).train()
+    except run_stop.RunStopped as exc:
+        print(f"stopped by {exc}. The last complete checkpoint is intact; resume with --resume auto",
+              file=sys.stderr)
+        return exc.exit_code
+    except errors.UserError as exc:  # folder in use, disk full, ...: one line, the error's own exit code
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is intact; resume with --resume auto", file=sys.stderr)
         return 130
@@ -76,6 +88,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _hold_output_folder(output_dir: Path, command: list[str]):
+    """For the whole run: the output folder's lock (rank 0 only) and the signal/launcher stop handling."""
+    from library import run_stop
+    from library.output_lock import acquire_output_lock, is_global_main_process
+
+    # FIX: two trainers (say `fluxgym train X` and `bash outputs/x/train.sh`) wrote the same files side by side.
+    lock = acquire_output_lock(output_dir, command=command) if is_global_main_process() else None
+    # FIX: SIGTERM to train.sh/accelerate left the trainer training on, re-parented, with its heartbeat unmarked.
+    stopper = run_stop.install(output_dir)
+    try:
+        yield
+    finally:
+        stopper.close()
+        if lock is not None:
+            lock.release()
 
 
 def _is_user_error(exc: BaseException) -> bool:
@@ -87,4 +117,6 @@ def _is_user_error(exc: BaseException) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library import run_stop
+
+    run_stop.exit_process(main())

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from library.dataset import collate
 from library.fault_injection import inject_point
 from library.flow_matching import apply_prediction_type, flow_loss, sample_noised
+from library import run_stop
 from library.hang_guards import HINTS
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,7 @@ def run_training_loop(trainer) -> None:
         trainer.record_loss(loss)
         trainer.heartbeat.step(pos.step, pos.epoch + 1)
         trainer.guards.progress()
+        run_stop.check()  # a safe point: between steps, before any save of this step begins
         after_step(trainer)
         if pos.batch_in_epoch >= trainer.batches_per_epoch:
             end_epoch(trainer)

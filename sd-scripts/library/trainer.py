@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from library import checkpoint_io, checkpoint_validation, metadata
+from library import checkpoint_io, checkpoint_validation, metadata, run_stop
 from library.heartbeat import Heartbeat
 from library.hang_guards import HINTS, HangGuards
 from library.settings import SettingsError, TrainSettings, total_steps
@@ -75,10 +75,16 @@ class FluxLoRATrainer:
 
             run_training_loop(self)
             self.save_final()
+        except run_stop.RunStopped as exc:
+            self.heartbeat.stopped(exc.signal_name, exc.detail)
+            raise
         except KeyboardInterrupt:
             self.heartbeat.failed("interrupted")
             raise
         except Exception as exc:
+            if (stop := run_stop.requested()) is not None:  # e.g. a collective broken by a peer that stopped
+                self.heartbeat.stopped(stop.signal_name, stop.detail)
+                raise stop from exc
             if _is_cache_timeout(exc):
                 self.guards.fire("cache_io", str(exc), HINTS["cache_io"])
             self.heartbeat.failed(f"{type(exc).__name__}: {exc}")
@@ -102,6 +108,7 @@ class FluxLoRATrainer:
         # Step updates are throttled to two a second (phase changes always write): a monitor needs no more,
         # and a write per step is measurable on fast small-model steps.
         self.heartbeat = Heartbeat(out, min_interval=0.5) if self.is_main else _SilentHeartbeat()
+        run_stop.attach_heartbeat(self.heartbeat)
         self.guards = HangGuards(out, self.heartbeat, stall_dump_timeout=self.s.guards.stall_dump_timeout,
                                  position=lambda: {"phase": self.phase, **self.pos.as_dict()})
         self.set_phase("loading", "loading models")
@@ -109,6 +116,7 @@ class FluxLoRATrainer:
         self.loss_log = open(loss_log, "a", encoding="utf-8") if loss_log else None
 
     def set_phase(self, phase: str, message: str = "") -> None:
+        run_stop.check()  # a safe point: a requested stop ends the run here
         self.phase = phase
         self.heartbeat.phase(phase, message)
         self.guards.progress()
