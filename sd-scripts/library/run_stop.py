@@ -44,14 +44,18 @@ class RunStopped(BaseException):
     A BaseException, like KeyboardInterrupt, so `except Exception` cleanup never swallows it.
     """
 
-    def __init__(self, signum: int, detail: str):
+    def __init__(self, signum: int, detail: str, *, exit_code: int | None = None):
         super().__init__(f"{signal_name(signum)}: {detail}")
         self.signum = signum
         self.signal_name = signal_name(signum)
         self.detail = detail
+        self._exit_code = exit_code
 
     @property
     def exit_code(self) -> int:
+        """130 for SIGINT (and Ctrl-Break), 143 for SIGTERM, 128+N for another signal."""
+        if self._exit_code is not None:
+            return self._exit_code
         if self.signum == signal.SIGINT or self.signum == getattr(signal, "SIGBREAK", None):
             return errors.EXIT_INTERRUPTED
         if self.signum == signal.SIGTERM:
@@ -273,7 +277,11 @@ class RunStop:
                 signum = getattr(signal, how)
         ended = f"ended ({how})" if how else "ended"
         self.requested_at = self.requested_at or time.monotonic()
-        self.request = RunStopped(signum, f"the launcher (pid {pid}) {ended}, so this trainer stops too")
+        # The heartbeat names the launcher's signal; the exit code says interrupted (130) or terminated (143),
+        # never 137, which supervisors read as "killed for memory".
+        code = errors.EXIT_INTERRUPTED if signum == signal.SIGINT else errors.EXIT_TERMINATED
+        self.request = RunStopped(signum, f"the launcher (pid {pid}) {ended}, so this trainer stops too",
+                                  exit_code=code)
 
     # -- the watch thread ------------------------------------------------------------------------------
     def _watch(self) -> None:
