@@ -56,10 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
+    from library import run_stop
     from library.errors import EXIT_INTERRUPTED, UserError, exit_code_for
 
+    command = [sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])]
     try:
-        return _train(ns)
+        return _train(ns, command)
+    except run_stop.RunStopped as exc:
+        print(f"stopped by {exc}. The last complete checkpoint is intact; resume with --resume auto",
+              file=sys.stderr)
+        return exc.exit_code
     except UserError as exc:  # the one place errors become exit codes (library/errors.py lists them)
         print(f"error: {exc}", file=sys.stderr)
         return exit_code_for(exc)
@@ -68,19 +74,31 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _train(ns: argparse.Namespace) -> int:
+def _train(ns: argparse.Namespace, command: list[str]) -> int:
+    from library import run_stop
     from library.preflight import run_preflight
     from library.settings import settings_from_args
 
     settings = settings_from_args(ns)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # FIX: never wait on a hub download mid-run
-    plan = run_preflight(settings, command=list(sys.argv))  # every check that needs no weights, and the run id
-    for line in plan.messages:
-        print(line, flush=True)
-    from library.trainer import FluxLoRATrainer
+    # Every check that needs no weights, the output-folder lock (held until the end) and the run identity.
+    plan = run_preflight(settings, command=command)
+    try:
+        for line in plan.messages:
+            print(line, flush=True)
+        # FIX: SIGTERM to train.sh/accelerate left the trainer training on, re-parented, with its heartbeat unmarked.
+        stopper = run_stop.install(settings.save.output_dir)
+        try:
+            from library.trainer import FluxLoRATrainer
 
-    return FluxLoRATrainer(settings, plan).train()
+            return FluxLoRATrainer(settings, plan).train()
+        finally:
+            stopper.close()
+    finally:
+        plan.release()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library import run_stop
+
+    run_stop.exit_process(main())

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -19,7 +20,7 @@ import platform
 import struct
 from pathlib import Path
 
-from library import atomic_io
+from library import atomic_io, disk_errors
 from library.checkpoint_validation import (
     DATA_SHA_KEY,
     MANIFEST_FORMAT,
@@ -79,7 +80,9 @@ def save_lora_file(final_path, tensors: dict, metadata: dict | None, *, ops: ato
     meta[DATA_SHA_KEY] = meta["sshs_model_hash"] = hashlib.sha256(_data_section(draft)).hexdigest()
     meta["sshs_legacy_hash"] = hashlib.sha256(draft[0x100000:0x110000]).hexdigest()[:8]
     blob = st_save(tensors, metadata=meta)
-    return atomic_io.write_file_atomic(Path(final_path), blob, ops=ops)
+    # FIX: a full disk ended the run with a bare OSError traceback; now one DiskError saying what to free.
+    with disk_errors.saving("the LoRA file", final_path, needed_bytes=len(blob)):
+        return atomic_io.write_file_atomic(Path(final_path), blob, ops=ops)
 
 
 # ---------------------------------------------------------------- state folders
@@ -113,8 +116,13 @@ def save_state_folder(
 ) -> Path:
     """Write an upstream-layout state folder under a temp name and publish it complete (manifest last)."""
     final_dir = Path(final_dir)
-    with atomic_io.atomic_dir(final_dir, ops=ops) as stage:
-        accelerator.save_state(str(stage.path), safe_serialization=True)
+    needed = lambda: estimate_state_bytes(accelerator)  # noqa: E731 -- only computed when a write failed
+    # FIX: a full disk during a state save said "RuntimeError: [enforce fail at inline_container.cc:672] .
+    # unexpected pos ..." (torch's zip writer drops errno); now one DiskError, the previous state intact.
+    with disk_errors.saving("the training state", final_dir, needed_bytes=needed), \
+            atomic_io.atomic_dir(final_dir, ops=ops) as stage:
+        with disk_errors.hidden_errno(stage.path, needed_bytes=needed):  # judged before the temp folder goes
+            accelerator.save_state(str(stage.path), safe_serialization=True)
         inject_point("save")  # hang tests: a save stuck after the temp folder exists
         stage.write_json(TRAIN_STATE_NAME, {"current_epoch": int(current_epoch_1based), "current_step": int(step)})
         stage.set_manifest(
@@ -134,6 +142,18 @@ def save_state_folder(
             }
         )
     return final_dir
+
+
+def estimate_state_bytes(accelerator) -> int:
+    """About how many bytes `accelerator.save_state` writes: model tensors, optimizer state, a little more."""
+    total = 256 * 1024  # scheduler, RNG states, train_state.json, manifest
+    with contextlib.suppress(Exception):
+        for model in getattr(accelerator, "_models", []):
+            total += sum(t.numel() * t.element_size() for t in model.state_dict().values() if hasattr(t, "numel"))
+        for opt in getattr(accelerator, "_optimizers", []):
+            for state in opt.state_dict().get("state", {}).values():
+                total += sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel"))
+    return total
 
 
 def _jsonable(d: dict) -> dict:

@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 
 FILE_NAME = "heartbeat.json"
 VERSION = 1
-PHASES = ("loading", "caching_latents", "caching_text", "training", "sampling", "saving", "done", "failed")
+# `stopped`: ended by a signal (or by its launcher's death); `signal` then names it, e.g. "SIGTERM".
+PHASES = ("loading", "caching_latents", "caching_text", "training", "sampling", "saving", "done", "failed",
+          "stopped")
 
 
 class Heartbeat:
@@ -81,6 +83,11 @@ class Heartbeat:
 
     def failed(self, message: str) -> None:
         self._update(phase="failed", phase_started=time.time(), message=message)
+
+    def stopped(self, signal_name: str, message: str = "") -> None:
+        """The run was stopped by `signal_name` (SIGINT, SIGTERM, ...); completed checkpoints are intact."""
+        self._update(phase="stopped", phase_started=time.time(), signal=signal_name,
+                     message=f"{signal_name}: {message}" if message else signal_name)
 
     def done(self) -> None:
         self._update(phase="done", phase_started=time.time(), message="")

@@ -5,8 +5,9 @@ or file and what to do, then settles what the rest of the run only reads:
   1. numeric ranges (`--network_dim >= 1`, `--learning_rate > 0`, counts >= 1, cadences >= 0, bounds >= 0);
   2. input files: each model file exists, is readable and is a complete safetensors file (header and size only;
      a diffusers folder needs its config.json), `--network_weights`, the dataset config and its image folders;
-  3. the output folder: writable (a probe file is created and removed) with room for one more checkpoint;
-  4. on the main process, holding the output-folder lock: unfinished saves of a killed run are settled;
+  3. on the main process, the output-folder lock (library.output_lock; held until the run ends); the output
+     folder writable (a probe file is created and removed) with room for one more checkpoint;
+  4. on the main process: unfinished saves of a killed run are settled;
   5. the resume target: resolved (`auto`: the newest valid state of the run being continued), validated once
      and its settings compared with this run's;
   6. on the main process: the run identity (library.run_identity), moving other runs' files to runs/<id>/.
@@ -14,9 +15,11 @@ or file and what to do, then settles what the rest of the run only reads:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from library import atomic_io, checkpoint_io, checkpoint_validation, run_identity
@@ -36,11 +39,15 @@ class Preflight:
     resume: checkpoint_io.ResumeInfo | None
     run: run_identity.RunIdentity | None  # None on other processes until the main one has recorded it
     messages: list[str]
-    lock: object | None = None  # the output-folder lock, held for the whole run (main process)
+    lock: object | None = None  # the output-folder lock (output_lock.OutputLock), held for the whole run
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def process_rank() -> tuple[int, int]:
@@ -49,20 +56,29 @@ def process_rank() -> tuple[int, int]:
 
 
 def run_preflight(settings: TrainSettings, *, command: list[str] | None = None) -> Preflight:
+    """Raise a UserError (see library.errors) for the first problem found; the caller releases `lock`."""
+    from library.output_lock import acquire_output_lock
+
     rank, world = process_rank()
     check_numbers(settings.raw)
     check_model_files(settings)
     blueprints = load_blueprints(settings)
-    check_output_dir(settings)
-    lock = None
-    if rank == 0:
-        settle_unfinished_saves(settings.save.output_dir)
-    resume, messages = resolve_resume(settings)
-    run = None
-    if rank == 0:
-        run, lines = run_identity.begin_run(settings.save.output_dir, settings.save.output_name,
-                                            settings.args_digest(), resume_from=_as_checkpoint(resume))
-        messages += lines
+    # FIX: two trainers (say `fluxgym train X` and `bash outputs/x/train.sh`) wrote the same files side by side.
+    lock = acquire_output_lock(settings.save.output_dir, command=command or []) if rank == 0 else None
+    try:
+        check_output_dir(settings)
+        run = None
+        if rank == 0:
+            settle_unfinished_saves(settings.save.output_dir)
+        resume, messages = resolve_resume(settings)
+        if rank == 0:  # other processes read it once the process group exists (library.rank_agreement)
+            run, lines = run_identity.begin_run(settings.save.output_dir, settings.save.output_name,
+                                                settings.args_digest(), resume_from=_as_checkpoint(resume))
+            messages += lines
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return Preflight(rank, world, blueprints, resume, run, messages, lock)
 
 
@@ -190,15 +206,17 @@ def check_output_dir(settings: TrainSettings) -> None:
     out = settings.save.output_dir
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f"{PROBE_NAME}-{os.getpid()}"
+        probe = out / f"{PROBE_NAME}-{socket.gethostname()}-{os.getpid()}"
         with open(probe, "wb") as fh:
             fh.write(b"ok")
             fh.flush()
             os.fsync(fh.fileno())
         probe.unlink()
     except OSError as exc:
-        raise DiskError(f"--output_dir {out}: cannot write there ({exc.strerror or exc}); choose a folder you can "
-                        "write to, or fix its permissions / remount it read-write") from None
+        disk = exc.errno in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", -1))
+        cls = DiskError if disk else BadFileError
+        raise cls(f"--output_dir {out}: cannot write there ({exc.strerror or exc}); choose a folder you can "
+                  "write to, or fix its permissions / remount it read-write") from None
     need = checkpoint_bytes(settings)
     free = shutil.disk_usage(out).free
     if free < need:

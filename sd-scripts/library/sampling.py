@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, ContextManager
 
+from library import disk_errors
 from library.atomic_io import atomic_file
 from library.errors import BadFileError
 from library.fault_injection import inject_point
@@ -315,7 +316,7 @@ def _decode(ae, latents, device):
 
 def _save_png_atomic(image, path: Path) -> None:
     """Readers (and a monitor watching the folder) never see half a PNG: temp name, fsync, rename."""
-    with atomic_file(path) as tmp:
+    with disk_errors.saving("a sample image", path, hint=disk_errors.HINT_SAMPLE), atomic_file(path) as tmp:
         image.save(tmp, format="PNG")
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from library.dataset import collate
 from library.fault_injection import inject_point
 from library.flow_matching import apply_prediction_type, flow_loss, sample_noised
+from library import run_stop
 from library.hang_guards import HINTS
 from library.train_session import RunControl, TrainSession
 
@@ -249,6 +250,7 @@ def run_training_loop(session: TrainSession, checkpointer, control: RunControl) 
         control.record_loss(pos.step, loss)
         control.heartbeat.step(pos.step, pos.epoch + 1)
         control.guards.progress()
+        run_stop.check()  # a safe point: between steps, before any save of this step begins
         after_step(session, checkpointer, control)
         if pos.batch_in_epoch >= data.batches_per_epoch:
             end_epoch(session, checkpointer, control)

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 from typing import Any, TextIO
 
+from library import run_stop
 from library.checkpoint_io import ResumeInfo
 from library.hang_guards import HINTS, HangGuards
 from library.run_identity import RunIdentity
@@ -131,6 +132,7 @@ class RunControl:
         self.phase = "loading"
 
     def set_phase(self, phase: str, message: str = "") -> None:
+        run_stop.check()  # a safe point: a requested stop ends the run here
         self.phase = phase
         self.heartbeat.phase(phase, message)
         self.guards.progress()

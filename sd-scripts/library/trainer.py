@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from library import metadata
+from library import metadata, run_stop
 from library.checkpointer import Checkpointer
 from library.heartbeat import Heartbeat
 from library.hang_guards import HINTS, HangGuards
@@ -64,10 +64,16 @@ class FluxLoRATrainer:
 
             run_training_loop(self.session, self.checkpointer, self.control)
             self.save_final()
+        except run_stop.RunStopped as exc:
+            self.control.heartbeat.stopped(exc.signal_name, exc.detail)
+            raise
         except KeyboardInterrupt:
             self.control.heartbeat.failed("interrupted")
             raise
         except Exception as exc:
+            if (stop := run_stop.requested()) is not None:  # e.g. a collective broken by a peer that stopped
+                self.control.heartbeat.stopped(stop.signal_name, stop.detail)
+                raise stop from exc
             if _is_cache_timeout(exc):
                 self.control.guards.fire("cache_io", str(exc), HINTS["cache_io"])
             self.control.heartbeat.failed(f"{type(exc).__name__}: {exc}")
@@ -102,6 +108,7 @@ class FluxLoRATrainer:
         # Step updates are throttled to two a second (phase changes always write): a monitor needs no more,
         # and a write per step is measurable on fast small-model steps.
         heartbeat = Heartbeat(out, min_interval=0.5) if session.is_main else SilentHeartbeat()
+        run_stop.attach_heartbeat(heartbeat)
         if session.run is not None:
             heartbeat.identify(session.run.run_id, session.run.settings_hash)
         guards = HangGuards(out, heartbeat, stall_dump_timeout=self.s.guards.stall_dump_timeout,
