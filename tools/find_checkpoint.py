@@ -26,6 +26,7 @@ from library import atomic_io  # noqa: E402
 from library.checkpoint_validation import (  # noqa: E402
     CheckpointInfo,
     discover,
+    newest_valid_state,
     validate_lora_file,
     validate_state_dir,
 )
@@ -106,6 +107,9 @@ def _run_find(args, output_dir: Path) -> int:
     for kind in _kinds(args.type):
         cands = discover(output_dir, kind=kind, output_name=args.name)
         newest = next((c for c in cands if c.valid), None)
+        if kind == "state" and newest is not None:  # the trainer's --resume auto rule: the folder's current run
+            picked = newest_valid_state(output_dir, args.name, log=False)
+            newest = next((c for c in cands if picked is not None and c.path == picked.path), None)
         found_any |= newest is not None
         entry = None
         if newest is not None:

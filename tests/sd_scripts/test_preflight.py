@@ -57,7 +57,7 @@ def truncated_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def fake_state(folder: Path, network_dim: int) -> Path:
+def fake_state(folder: Path, network_dim: int, *, run_id: int = 1, step: int = 2) -> Path:
     """A complete state folder (as our manifest defines it) written by a run with another --network_dim."""
     from library import atomic_io
 
@@ -66,10 +66,10 @@ def fake_state(folder: Path, network_dim: int) -> Path:
     with atomic_io.atomic_dir(folder) as stage:
         stage.write_bytes("model.safetensors", b"x" * 16)
         stage.write_bytes("optimizer.bin", b"y" * 16)
-        stage.write_json("train_state.json", {"current_epoch": 1, "current_step": 2})
+        stage.write_json("train_state.json", {"current_epoch": 1, "current_step": step})
         stage.set_manifest({"format": "fluxtrain-checkpoint", "version": 1, "kind": "state", "output_name": "tiny",
-                            "step": 2, "epoch": 1, "data_position": {"epoch": 1, "batch_in_epoch": 0},
-                            "resume_settings": settings, "run_id": 1})
+                            "step": step, "epoch": 1, "data_position": {"epoch": 1, "batch_in_epoch": 0},
+                            "resume_settings": settings, "run_id": run_id})
     return folder
 
 

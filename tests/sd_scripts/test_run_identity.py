@@ -28,42 +28,42 @@ def manifest(path) -> dict:
 def test_new_run_keeps_the_previous_one_apart_and_resume_auto_continues_its_own(tiny_models, tmp_path):
     """The issue's scenario: train, regenerate with more epochs and another learning rate, kill it mid-run,
     resume: it continues the second run, and the first run's files are all still there."""
-    _, toml = make_dataset(tmp_path, count=2, size=64)  # 2 steps per epoch
+    _, toml = make_dataset(tmp_path, count=1, size=64)  # 1 step per epoch
     out = tmp_path / "out"
     first = trainer_args(tiny_models, toml, out, "--max_train_epochs", "2", "--save_every_n_epochs", "1",
                          "--save_state")
     proc = run_trainer(first)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "starts run 1 " in proc.stdout
-    assert manifest(out / "tiny-state")["run_id"] == 1 and manifest(out / "tiny-state")["step"] == 4
+    assert manifest(out / "tiny-state")["run_id"] == 1 and manifest(out / "tiny-state")["step"] == 2
 
-    second = trainer_args(tiny_models, toml, out, "--max_train_epochs", "4", "--save_every_n_epochs", "1",
+    second = trainer_args(tiny_models, toml, out, "--max_train_epochs", "3", "--save_every_n_epochs", "1",
                           "--save_state")
     second[second.index("--learning_rate") + 1] = "5e-4"
-    proc = run_trainer(second, env={"FLUXTRAIN_EXIT_AFTER_STEP": "3"})  # killed in epoch 2
+    proc = run_trainer(second, env={"FLUXTRAIN_EXIT_AFTER_STEP": "1"})  # killed after its first epoch's save
     assert proc.returncode == 75, proc.stderr[-3000:]
     assert "starts run 2 " in proc.stdout and "moved" in proc.stdout
     kept = out / "runs" / "1"
     for name in ("tiny-state", "tiny-000001-state", "tiny.safetensors", "tiny-000001.safetensors"):
         assert (kept / name).exists(), name
     assert manifest(kept / "tiny-000001-state")["run_id"] == 1
-    assert lora_meta(kept / "tiny.safetensors")["ss_steps"] == "4"
+    assert lora_meta(kept / "tiny.safetensors")["ss_steps"] == "2"
     assert not (out / "tiny-state").exists() and not (out / "tiny.safetensors").exists()
     assert manifest(out / "tiny-000001-state")["run_id"] == 2
     assert lora_meta(out / "tiny-000001.safetensors")["fluxtrain_run_id"] == "2"
 
-    # A state of the first run put back at the top (step 4, newer than the second run's step 2) is not taken.
+    # A state of the first run put back at the top (step 2, newer than the second run's step 1) is not taken.
     shutil.copytree(kept / "tiny-state", out / "tiny-state")
     proc = run_trainer(second + ["--resume", "auto"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from {out / 'tiny-000001-state'}: step 2" in proc.stdout
+    assert f"resumed from {out / 'tiny-000001-state'}: step 1" in proc.stdout
     assert "continuing run 2" in proc.stdout and "not taking 1 state folder(s) of other runs (run 1" in proc.stdout
     assert "continues run 2 " in proc.stdout
     final = lora_meta(out / "tiny.safetensors")
-    assert final["fluxtrain_run_id"] == "2" and final["ss_steps"] == "8" and final["ss_learning_rate"] == "0.0005"
+    assert final["fluxtrain_run_id"] == "2" and final["ss_steps"] == "3" and final["ss_learning_rate"] == "0.0005"
     assert final["fluxtrain_settings_hash"] == manifest(out / "tiny-state")["args_digest"]
     beat = json.loads((out / "heartbeat.json").read_text())
-    assert beat["run_id"] == 2 and beat["phase"] == "done" and beat["step"] == 8
+    assert beat["run_id"] == 2 and beat["phase"] == "done" and beat["step"] == 3
     assert json.loads((out / "run.json").read_text())["runs"]["tiny"]["run_id"] == 2
 
     from tools import find_checkpoint
@@ -117,3 +117,27 @@ def test_agreement_check_names_both_resume_steps():
     else:
         raise AssertionError("a mismatch passed")
     assert "rank 0 resumes at step 26" in text and "rank 1 starts at step 0" in text and "resume_step" in text
+
+
+def test_discovery_follows_the_current_run_and_a_fresh_start_moves_every_other_run(tmp_path, capsys):
+    """Without the trainer: the state of the folder's current run wins over a higher step of another run in
+    every tool, and a fresh start moves both runs' files to runs/<id>/ and takes the next number."""
+    from library import checkpoint_validation as cv
+    from library.run_identity import begin_run
+    from test_preflight import fake_state
+    from tools import find_checkpoint
+
+    out = tmp_path / "out"
+    fake_state(out / "tiny-state", 4, run_id=1, step=9)
+    fake_state(out / "tiny-000001-state", 4, run_id=2, step=3)
+    (out / "run.json").write_text(json.dumps({"last_run_id": 2, "runs": {"tiny": {"run_id": 2, "token": "t"}}}))
+    assert cv.newest_valid_state(out, "tiny", log=False).path == out / "tiny-000001-state"
+    assert find_checkpoint.main([str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["newest"]["state"]["path"] == str(out / "tiny-000001-state")
+
+    identity, lines = begin_run(out, "tiny", "h" * 64, resume_from=None)
+    assert identity.run_id == 3 and "starts run 3" in lines[0]
+    assert (out / "runs" / "1" / "tiny-state").is_dir() and (out / "runs" / "2" / "tiny-000001-state").is_dir()
+    assert not list(out.glob("tiny*")) and cv.newest_valid_state(out, "tiny", log=False) is None
+    assert json.loads((out / "run.json").read_text())["runs"]["tiny"]["run_id"] == 3
+    assert begin_run(out, "tiny", "h" * 64, resume_from=None)[0].run_id == 4  # numbers never repeat
