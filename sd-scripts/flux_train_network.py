@@ -84,7 +84,7 @@ def _train(ns: argparse.Namespace, command: list[str]) -> int:
     # Every check that needs no weights, the output-folder lock (held until the end) and the run identity.
     plan = run_preflight(settings, command=command)
     try:
-        for line in plan.messages:
+        for line in plan.messages if plan.is_main else []:
             print(line, flush=True)
         # FIX: SIGTERM to train.sh/accelerate left the trainer training on, re-parented, with its heartbeat unmarked.
         stopper = run_stop.install(settings.save.output_dir)

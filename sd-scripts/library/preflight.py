@@ -71,6 +71,8 @@ def run_preflight(settings: TrainSettings, *, command: list[str] | None = None) 
         if rank == 0:
             settle_unfinished_saves(settings.save.output_dir)
         resume, messages = resolve_resume(settings)
+        if resume is None:
+            check_weights_stay(settings)
         if rank == 0:  # other processes read it once the process group exists (library.rank_agreement)
             run, lines = run_identity.begin_run(settings.save.output_dir, settings.save.output_name,
                                                 settings.args_digest(), resume_from=_as_checkpoint(resume))
@@ -297,6 +299,18 @@ def _describe_others(others: list) -> str:
     return (f"not taking {len(others)} state folder(s) of other runs ({', '.join(f'run {r}' for r in runs)}; "
             f"newest {newest.path.name} at step {newest.step}): they were trained with other settings or data. "
             f"To continue one of them, pass --resume PATH")
+
+
+def check_weights_stay(settings: TrainSettings) -> None:
+    """A new run moves the previous run's LoRA files away (run_identity): --network_weights must not be one."""
+    weights = settings.network.weights
+    if not weights:
+        return
+    moving = {f.path.resolve() for f in run_identity.run_files(settings.save.output_dir, settings.save.output_name)}
+    if Path(weights).resolve() in moving:
+        raise BadFlagError(f"--network_weights {weights} is a LoRA file of the previous run in --output_dir, and a new "
+                           "run moves that run's files to runs/<id>/ first; copy the file elsewhere and pass that path, "
+                           "or continue the previous run with --resume")
 
 
 def _as_checkpoint(resume: checkpoint_io.ResumeInfo | None):

@@ -92,7 +92,15 @@ CASES = {
                                   ["--resume", "not a state folder"]),
     "resume_with_another_network_dim": (lambda a, t: with_flag(a, "--resume", str(fake_state(
         t / "out" / "tiny-000001-state", 8))), 2, ["network_dim", "checkpoint has 8", "this run has 4"]),
+    "network_weights_of_the_run_being_moved": (lambda a, t: with_flag(a, "--network_weights", str(
+        _previous_lora(Path(a[a.index("--clip_l") + 1]), t / "out"))), 2, ["--network_weights", "runs/<id>/"]),
 }
+
+
+def _previous_lora(any_safetensors: Path, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tiny.safetensors").write_bytes(any_safetensors.read_bytes())
+    return out / "tiny.safetensors"
 
 
 def _folder_with_weights(src: Path, folder: Path) -> Path:
