@@ -3,8 +3,8 @@
 Each process resolves the run id and the resume step from the output folder on its own (preflight). If the
 processes see different folders (two machines, each with its own `--output_dir`), they would train from
 different points and write corrupted checkpoints; one collective before training catches that and fails
-with both values named. Creating the process group is itself a rendezvous, so by the time this runs the
-main process has recorded the run (run.json) and the others read it here.
+with both values named. The main process records the run (run.json) in its preflight; after a barrier the
+others read it here.
 """
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def describe_world(session: TrainSession) -> str:
 def agree_on_run(session: TrainSession, control: RunControl) -> None:
     """All processes continue the same run from the same step, or every process raises ResumeError."""
     s = session.settings
+    # The main process recorded the run in its preflight, before it joined the process group; this barrier
+    # makes that hold for every backend and launcher (NCCL and torchrun's store do not wait for it).
+    control.barrier("waiting for the main process to record the run")
     if not session.is_main:
         session.run = read_run(s.save.output_dir, s.save.output_name, s.args_digest())
     if session.is_main:
