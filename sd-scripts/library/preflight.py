@@ -89,9 +89,9 @@ def run_preflight(settings: TrainSettings, *, command: list[str] | None = None) 
 # (flag, smallest allowed value, whether the smallest value itself is allowed, what the flag is / what to use)
 RANGES = (
     ("network_dim", 1, True, "the LoRA rank; 4 to 32 is usual"),
-    ("learning_rate", 0, False, "e.g. 1e-4 (FluxGym's default is 8e-4)"),
+    ("learning_rate", 0, False, "e.g. 1e-4; FluxGym's default is 8e-4"),
     ("unet_lr", 0, True, "leave it out to use --learning_rate"),
-    ("max_train_steps", 1, True, "the number of optimizer steps (or use --max_train_epochs)"),
+    ("max_train_steps", 1, True, "the number of optimizer steps, or use --max_train_epochs"),
     ("max_train_epochs", 1, True, "the number of epochs"),
     ("train_batch_size", 1, True, "images per step"),
     ("save_every_n_epochs", 0, True, "0 or leave it out to save only at the end"),
@@ -128,7 +128,7 @@ def check_numbers(raw: dict) -> None:
             ok = v >= low if inclusive else v > low
             if not ok:
                 need = f"{'at least' if inclusive else 'more than'} {low}"
-                raise BadFlagError(f"--{flag} {v}: must be {need} ({what})")
+                raise BadFlagError(f"--{flag} {v}: must be {need} ({what})")  # `what` says what to use
     for v in raw.get("text_encoder_lr") or []:
         if v < 0:
             raise BadFlagError(f"--text_encoder_lr {v}: must be 0 or more (0 freezes CLIP-L)")
