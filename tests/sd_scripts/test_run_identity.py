@@ -127,7 +127,11 @@ def test_discovery_follows_the_current_run_and_a_fresh_start_moves_every_other_r
     from test_preflight import fake_state
     from tools import find_checkpoint
 
-    out = tmp_path / "out"
+    from fluxgym.naming import project_paths
+    from fluxgym.status import format_status, run_status
+
+    paths = project_paths(tmp_path, "tiny")
+    out = paths.output_dir
     fake_state(out / "tiny-state", 4, run_id=1, step=9)
     fake_state(out / "tiny-000001-state", 4, run_id=2, step=3)
     (out / "run.json").write_text(json.dumps({"last_run_id": 2, "runs": {"tiny": {"run_id": 2, "token": "t"}}}))
@@ -141,3 +145,5 @@ def test_discovery_follows_the_current_run_and_a_fresh_start_moves_every_other_r
     assert not list(out.glob("tiny*")) and cv.newest_valid_state(out, "tiny", log=False) is None
     assert json.loads((out / "run.json").read_text())["runs"]["tiny"]["run_id"] == 3
     assert begin_run(out, "tiny", "h" * 64, resume_from=None)[0].run_id == 4  # numbers never repeat
+    status = format_status(run_status(paths))
+    assert "earlier run 1: 1 state folder(s)" in status and "earlier run 2: 1 state folder(s)" in status
