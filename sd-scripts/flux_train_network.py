@@ -102,6 +102,10 @@ def _hold_output_folder(output_dir: Path, command: list[str]):
     stopper = run_stop.install(output_dir)
     try:
         yield
+    except BaseException:
+        if stopper.request is not None:  # also when the stop came before the trainer could mark its heartbeat
+            stopper.mark_heartbeat()
+        raise
     finally:
         stopper.close()
         if lock is not None:

@@ -176,6 +176,7 @@ class RunStop:
         self._parent: _ParentWatch | None = None
         self._previous: dict[int, Any] = {}
         self._wake_r = self._wake_w = None
+        self._previous_wakeup_fd = -1
         self._closed = threading.Event()
         self._exit_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -194,7 +195,7 @@ class RunStop:
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
             self._wake_w.setblocking(False)
-            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+            self._previous_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         launcher = launcher_parent()
         if launcher is not None:
             _set_parent_death_signal(signal.SIGTERM)
@@ -220,8 +221,9 @@ class RunStop:
 
     def close(self) -> None:
         """Restore the handlers (in-process callers). A stop in progress keeps its backstop running."""
-        with contextlib.suppress(ValueError):
-            signal.set_wakeup_fd(-1)
+        if self._wake_w is not None:
+            with contextlib.suppress(ValueError):
+                signal.set_wakeup_fd(self._previous_wakeup_fd)
         for sig, handler in self._previous.items():
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(sig, handler)

@@ -111,13 +111,13 @@ def test_errno_hidden_by_torch_is_judged_by_free_space(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == []
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A real 1.2 MB filesystem (tmpfs); skipped where mounting is not allowed."""
+@contextlib.contextmanager
+def mounted_tmpfs(tmp_path: Path, size: str):
+    """A real filesystem of `size` (tmpfs); skips the test where mounting is not allowed."""
     mnt = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
     mnt.mkdir()
     try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)],
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                               capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as exc:
         pytest.skip(f"cannot run mount: {exc}")
@@ -129,6 +129,12 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=20)
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    with mounted_tmpfs(tmp_path, "1200k") as mnt:
+        yield mnt
+
+
 def test_real_full_filesystem(small_tmpfs):
     acc = _accelerator(256)  # ~0.8 MB per state folder: the first fits, the second cannot
     first = _save_state(acc, small_tmpfs, 1)
@@ -138,9 +144,7 @@ def test_real_full_filesystem(small_tmpfs):
     assert msg.startswith(f"disk full while saving the training state to {small_tmpfs}/demo-step00000002-state")
     assert "needed about 1.0 MB" in msg and "RuntimeError" not in msg, msg
     assert validate_state_dir(first).valid and _leftovers(small_tmpfs) == []
-    # Cache files and sample images name their own fix.
-    with contextlib.suppress(FileNotFoundError):
-        (small_tmpfs / "filler").unlink()
+    # Cache files and sample images name their own fix (the disk filled to the last byte first).
     filler = small_tmpfs / "filler"
     with open(filler, "wb") as fh, contextlib.suppress(OSError):
         while True:
@@ -156,3 +160,24 @@ def test_real_full_filesystem(small_tmpfs):
     with pytest.raises(errors.DiskError, match="disk full while saving a sample image .* sample less often"):
         _save_png_atomic(noise, small_tmpfs / "sample" / "demo_000001.png")
     assert validate_state_dir(first).valid and _leftovers(small_tmpfs) == []
+
+
+@pytest.mark.slow
+def test_trainer_on_a_filling_disk_exits_5_with_one_line(tiny_models, tmp_path):
+    """The real trainer saving a state every step onto a 2 MB filesystem: it runs out of room mid-run."""
+    import json
+
+    from train_helpers import make_dataset, run_trainer, trainer_args
+
+    _, toml = make_dataset(tmp_path, count=2, size=64)  # caches go next to the images, off the small disk
+    with mounted_tmpfs(tmp_path, "2m") as out:
+        proc = run_trainer(trainer_args(tiny_models, toml, out, "--max_train_steps", "20", "--save_every_n_steps",
+                                        "1", "--save_state"))
+        assert proc.returncode == errors.EXIT_DISK, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert "error: disk full while saving the" in proc.stderr and "--save_last_n_epochs" in proc.stderr
+        assert "Traceback" not in proc.stderr and "inline_container" not in proc.stderr
+        beat = json.loads((out / "heartbeat.json").read_text())
+        assert beat["phase"] == "failed" and "disk full while saving" in beat["message"]
+        states = sorted(out.glob("tiny-step*-state"))
+        assert states and all(validate_state_dir(p).valid for p in states)
+        assert _leftovers(out) == []
