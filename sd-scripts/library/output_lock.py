@@ -208,7 +208,8 @@ def read_lock_holder(output_dir: Path) -> dict | None:
     """
     path = Path(output_dir) / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        # Read-only is enough to test a lock, and works on another user's lock file.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except OSError:
         return None
     try:
