@@ -189,13 +189,15 @@ class RunStop:
                 continue  # started with it ignored (nohup, a background job): keep that choice
             self._previous[sig] = current
             signal.signal(sig, self._on_signal)
-        with contextlib.suppress(OSError, ValueError):
+        try:
             # The C-level handler writes the signal number here even while the main thread is stuck in C code
             # and cannot run the Python handler: the watch thread then still starts the backstop.
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
             self._wake_w.setblocking(False)
             self._previous_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        except (OSError, ValueError):
+            self._wake_r = self._wake_w = None  # the Python handler counts the signals instead
         launcher = launcher_parent()
         if launcher is not None:
             _set_parent_death_signal(signal.SIGTERM)
