@@ -92,6 +92,10 @@ def _train(ns: argparse.Namespace, command: list[str]) -> int:
             from library.trainer import FluxLoRATrainer
 
             return FluxLoRATrainer(settings, plan).train()
+        except BaseException:
+            if stopper.request is not None:  # also when the stop came before the trainer could mark its heartbeat
+                stopper.mark_heartbeat()
+            raise
         finally:
             stopper.close()
     finally:

@@ -25,7 +25,7 @@ LOCK_NAME = ".trainer.lock"
 # Windows locks are mandatory byte-range locks: lock one byte far past the JSON so readers can still read it.
 _WIN_LOCK_OFFSET = 1 << 30
 # A reader (status, supervisor) probes the lock for a moment; a starting trainer retries past such probes.
-_ACQUIRE_RETRY_S = 2.0
+_ACQUIRE_RETRY_S = 1.0
 _RETRY_SLEEP_S = 0.05
 _COMMAND_SHOWN = 400  # characters of the holder's command in the message (FluxGym argv are long)
 
@@ -208,7 +208,8 @@ def read_lock_holder(output_dir: Path) -> dict | None:
     """
     path = Path(output_dir) / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        # Read-only is enough to test a lock, and works on another user's lock file.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except OSError:
         return None
     try:

@@ -171,10 +171,12 @@ class RunStop:
         self.request: RunStopped | None = None
         self.requested_at = 0.0
         self._announced = False
+        self._signals_seen = 0
         self._heartbeat: Any = None
         self._parent: _ParentWatch | None = None
         self._previous: dict[int, Any] = {}
         self._wake_r = self._wake_w = None
+        self._previous_wakeup_fd = -1
         self._closed = threading.Event()
         self._exit_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -187,13 +189,15 @@ class RunStop:
                 continue  # started with it ignored (nohup, a background job): keep that choice
             self._previous[sig] = current
             signal.signal(sig, self._on_signal)
-        with contextlib.suppress(OSError, ValueError):
+        try:
             # The C-level handler writes the signal number here even while the main thread is stuck in C code
             # and cannot run the Python handler: the watch thread then still starts the backstop.
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
             self._wake_w.setblocking(False)
-            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+            self._previous_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        except (OSError, ValueError):
+            self._wake_r = self._wake_w = None  # the Python handler counts the signals instead
         launcher = launcher_parent()
         if launcher is not None:
             _set_parent_death_signal(signal.SIGTERM)
@@ -219,8 +223,9 @@ class RunStop:
 
     def close(self) -> None:
         """Restore the handlers (in-process callers). A stop in progress keeps its backstop running."""
-        with contextlib.suppress(ValueError):
-            signal.set_wakeup_fd(-1)
+        if self._wake_w is not None:
+            with contextlib.suppress(ValueError):
+                signal.set_wakeup_fd(self._previous_wakeup_fd)
         for sig, handler in self._previous.items():
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(sig, handler)
@@ -244,11 +249,21 @@ class RunStop:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Runs in the main thread between two bytecodes: no locks, no printing (the watch thread reports).
+        if self._wake_r is None:  # no watch-thread counting: count here
+            self._count_signal(signum)
         if self.request is None:
             self._request_stop(signum, "stop requested")
+
+    def _count_signal(self, signum: int) -> None:
+        """Every signal passes here once (the watch thread reads them from the wakeup socket); a second one
+        ends the process at once, unless it is our parent-death SIGTERM following a stop that reached us too."""
+        self._signals_seen += 1
+        if self._signals_seen == 1:
+            if self.request is None:
+                self._request_stop(signum, "stop requested")  # the main thread may be stuck in C code
             return
-        if self._parent is not None and self._parent.gone() and signum == signal.SIGTERM:
-            return  # our parent-death signal, after the same stop already reached us directly
+        if signum == signal.SIGTERM and self._parent is not None and self._parent_ending():
+            return
         threading.Thread(target=self.hard_exit, args=("a second signal",), daemon=True).start()
 
     def _request_stop(self, signum: int, detail: str) -> None:
@@ -286,9 +301,8 @@ class RunStop:
     # -- the watch thread ------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self._closed.is_set():
-            got = self._wait_for_signal(_WATCH_INTERVAL_S)
-            if got is not None and self.request is None:
-                self._request_stop(got, "stop requested")  # the main thread may be stuck in C code
+            for signum in self._wait_for_signals(_WATCH_INTERVAL_S):
+                self._count_signal(signum)
             if self.request is None and self._parent is not None and self._parent.gone():
                 self._launcher_died()
             if self.request is None:
@@ -300,19 +314,17 @@ class RunStop:
             if time.monotonic() - self.requested_at >= self.grace:
                 self.hard_exit(f"no safe point within {self.grace:g} s")
 
-    def _wait_for_signal(self, timeout: float) -> int | None:
+    def _wait_for_signals(self, timeout: float) -> list[int]:
         if self._wake_r is None:
             self._closed.wait(timeout)
-            return None
+            return []
         try:
             ready, _, _ = select.select([self._wake_r], [], [], timeout)
             if ready:
-                data = self._wake_r.recv(64)
-                known = [b for b in data if b in self._previous]
-                return known[0] if known else None
+                return [b for b in self._wake_r.recv(64) if b in self._previous]
         except (OSError, ValueError):
             self._closed.wait(timeout)
-        return None
+        return []
 
     # -- ending ----------------------------------------------------------------------------------------
     def mark_heartbeat(self) -> None:
