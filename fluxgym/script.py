@@ -165,8 +165,13 @@ def render_sh(req: TrainRequest, argv: list[str]) -> str:
         "elif command -v python3 >/dev/null 2>&1; then PY=python3",
         "else PY=python",
         "fi",
-        "# exec: the trainer replaces this shell, so its exit code is the script's and signals reach it.",
     ]
+    if req.launcher == "python":
+        lines.append("# exec: the trainer replaces this shell, so its exit code is the script's and signals reach it.")
+    else:
+        # accelerate's launcher forwards no signal to the trainer; the trainer ends itself when its launcher does.
+        lines.append("# exec: the launcher replaces this shell, so signals reach it and its exit code is the script's;"
+                     " the trainer stops when its launcher ends.")
     head = ['exec "$PY"'] + [" ".join(g) for g in _sh_line_groups(launcher_argv(req))]
     head.append(_root_relative_sh(req.trainer_script, req.root))
     body = [" ".join(shlex.quote(t) for t in g) for g in _sh_line_groups(argv)]

@@ -50,6 +50,15 @@ def checkpoint_validation():
     return importlib.import_module("library.checkpoint_validation")
 
 
+def earlier_runs(paths: ProjectPaths) -> list[dict]:
+    """Runs whose files a fresh start moved to outputs/<name>/runs/<id>/ (the trainer's run_identity)."""
+    try:
+        checkpoint_validation()  # puts sd-scripts on the path
+        return importlib.import_module("library.run_identity").archived_runs(paths.output_dir)
+    except (ImportError, OSError):
+        return []
+
+
 def newest_valid_state(paths: ProjectPaths):
     """CheckpointInfo of the newest complete state folder of this LoRA, or None."""
     return checkpoint_validation().newest_valid_state(paths.output_dir, output_name=paths.slug)
@@ -90,10 +99,12 @@ def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
            "error": (verdict or {}).get("error"), "hint": (verdict or {}).get("hint"),
            "lora_file": (verdict or {}).get("lora_file"), "last_run": last_run,
            "events": [_describe(e) for e in mine if e["event"] != "step"][-lines:] if lines > 0 else [],
-           "log_file": str(paths.out(LOG_FILE))}
+           "log_file": str(paths.out(LOG_FILE)), "run_id": None,
+           "earlier_runs": earlier_runs(paths)}
     hb = read_heartbeat(paths.output_dir)
     if hb:  # the trainer's own word is fresher than the last (throttled) step event
-        for key in ("phase", "step", "total_steps", "epoch", "total_epochs", "last_checkpoint", "message", "loss"):
+        for key in ("phase", "step", "total_steps", "epoch", "total_epochs", "last_checkpoint", "message", "loss",
+                    "run_id"):
             if hb.get(key) is not None:
                 out[key] = hb[key]
         if isinstance(hb.get("time"), (int, float)):
@@ -119,6 +130,11 @@ def format_status(st: dict) -> str:
         if st["message"]:
             lines.append(f"message: {st['message']}")
     lines.append(f"last checkpoint: {st['last_checkpoint'] or 'none'}")
+    if st.get("run_id") is not None:
+        lines.append(f"run: {st['run_id']}")
+    for run in st.get("earlier_runs") or []:
+        lines.append(f"earlier run {run['run_id']}: {len(run['states'])} state folder(s), "
+                     f"{len(run['lora_files'])} LoRA file(s) in {run['path']}")
     if st["restarts"]:
         lines.append(f"restarts: {len(st['restarts'])} (" + ", ".join(r["reason"] for r in st["restarts"]) + ")")
     if st["state"] == "succeeded" and st["lora_file"]:

@@ -56,35 +56,53 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
-    from library.settings import SettingsError, settings_from_args
+    from library import run_stop
+    from library.errors import EXIT_INTERRUPTED, UserError, exit_code_for
 
+    command = [sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])]
     try:
-        settings = settings_from_args(ns)
-    except SettingsError as exc:
+        return _train(ns, command)
+    except run_stop.RunStopped as exc:
+        print(f"stopped by {exc}. The last complete checkpoint is intact; resume with --resume auto",
+              file=sys.stderr)
+        return exc.exit_code
+    except UserError as exc:  # the one place errors become exit codes (library/errors.py lists them)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # FIX: never wait on a hub download mid-run
-    from library.trainer import FluxLoRATrainer
-
-    try:
-        return FluxLoRATrainer(settings).train()
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is intact; resume with --resume auto", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        if not _is_user_error(exc):
+        return EXIT_INTERRUPTED
+
+
+def _train(ns: argparse.Namespace, command: list[str]) -> int:
+    from library import run_stop
+    from library.preflight import run_preflight
+    from library.settings import settings_from_args
+
+    settings = settings_from_args(ns)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # FIX: never wait on a hub download mid-run
+    # Every check that needs no weights, the output-folder lock (held until the end) and the run identity.
+    plan = run_preflight(settings, command=command)
+    try:
+        for line in plan.messages if plan.is_main else []:
+            print(line, flush=True)
+        # FIX: SIGTERM to train.sh/accelerate left the trainer training on, re-parented, with its heartbeat unmarked.
+        stopper = run_stop.install(settings.save.output_dir)
+        try:
+            from library.trainer import FluxLoRATrainer
+
+            return FluxLoRATrainer(settings, plan).train()
+        except BaseException:
+            if stopper.request is not None:  # also when the stop came before the trainer could mark its heartbeat
+                stopper.mark_heartbeat()
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    """Our own clear errors (bad file, bad flag, mismatch) print one line; anything else keeps its traceback."""
-    names = {"SettingsError", "ModelFileError", "TokenizerNotFoundError", "DatasetConfigError",
-             "ResumeMismatchError", "ConfigFileError", "CacheError", "CheckpointLoadError", "LoRAWeightsError",
-             "SamplePromptError", "DatasetError"}
-    return type(exc).__name__ in names or isinstance(exc, FileNotFoundError)
+        finally:
+            stopper.close()
+    finally:
+        plan.release()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library import run_stop
+
+    run_stop.exit_process(main())

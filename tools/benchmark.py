@@ -35,6 +35,7 @@ def build_trainer(work: Path, width: str):
     from flux_train_network import setup_parser
     from fluxgym.tiny_flux import build_tiny_models
     from fluxgym.tiny_training import make_dataset, trainer_args
+    from library.preflight import run_preflight
     from library.settings import settings_from_args
     from library.trainer import FluxLoRATrainer
 
@@ -42,7 +43,8 @@ def build_trainer(work: Path, width: str):
     size = 64 if width == "tiny" else 128
     _, toml = make_dataset(work / ("data-" + width), count=8, size=size)
     ns = setup_parser().parse_args(trainer_args(models, toml, work / "out", "--max_train_steps", "100000"))
-    trainer = FluxLoRATrainer(settings_from_args(ns))
+    settings = settings_from_args(ns)
+    trainer = FluxLoRATrainer(settings, run_preflight(settings))
     trainer.setup_accelerator()
     trainer.prepare_output_dir()
     for phase in (trainer.load_tokenizers, trainer.build_dataset, trainer.load_models, trainer.cache_latents,
@@ -58,30 +60,32 @@ def guards_off(trainer):
     from dataclasses import replace
 
     from library.hang_guards import HangGuards
-    from library.trainer import _SilentHeartbeat
+    from library.train_session import SilentHeartbeat
 
-    saved = trainer.s, trainer.guards, trainer.heartbeat
-    off = replace(trainer.s.guards, dataloader_timeout=0, cache_io_timeout=0, save_timeout=0, sample_timeout=0,
-                  stall_dump_timeout=0)
-    trainer.s = replace(trainer.s, guards=off)
-    trainer.heartbeat = _SilentHeartbeat()
-    trainer.guards = HangGuards(trainer.s.save.output_dir, None, stall_dump_timeout=0)
+    session, control = trainer.session, trainer.control
+    saved = session.settings, control.guards, control.heartbeat
+    off = replace(session.settings.guards, dataloader_timeout=0, cache_io_timeout=0, save_timeout=0,
+                  sample_timeout=0, stall_dump_timeout=0)
+    session.settings = replace(session.settings, guards=off)
+    control.heartbeat = SilentHeartbeat()
+    control.guards = HangGuards(session.settings.save.output_dir, None, stall_dump_timeout=0)
     try:
         yield trainer
     finally:
-        trainer.guards.close()
-        trainer.s, trainer.guards, trainer.heartbeat = saved
+        control.guards.close()
+        session.settings, control.guards, control.heartbeat = saved
 
 
 def time_ours(trainer, steps: int) -> float:
     """Seconds per step of the real loop (run_training_loop) for `steps` more steps."""
     from library.train_loop import run_training_loop
 
-    trainer.max_train_steps = trainer.pos.step + steps
-    trainer.num_epochs = 10**6
+    session = trainer.session
+    session.data.max_train_steps = session.pos.step + steps
+    session.data.num_epochs = 10**6
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         started = time.perf_counter()
-        run_training_loop(trainer)
+        run_training_loop(session, trainer.checkpointer, trainer.control)
         return (time.perf_counter() - started) / steps
 
 
@@ -92,10 +96,11 @@ def time_bare(trainer, steps: int) -> float:
     from library.dataset import collate
     from library.flux_packing import image_ids, pack_latents, unpack_latents
 
-    ds = trainer.dataset
+    session = trainer.session
+    ds, models = session.data.dataset, session.models
     batches = [collate([ds[key] for key in batch]) for batch in ds.batches_for_epoch(0)]
-    model, opt, sched = trainer.transformer, trainer.optimizer, trainer.lr_scheduler
-    dtype = trainer.weight_dtype
+    model, opt, sched = models.transformer, session.opt.optimizer, session.opt.lr_scheduler
+    dtype = session.weight_dtype
     started = time.perf_counter()
     for i in range(steps):
         batch = batches[i % len(batches)]
@@ -106,9 +111,9 @@ def time_bare(trainer, steps: int) -> float:
         sigma = torch.rand(b, generator=gen).view(-1, 1, 1, 1)
         noisy = (1 - sigma) * latents + sigma * noise
         l_pooled = batch["l_pooled"].to(dtype)
-        if trainer.train_clip:
-            tokens = trainer.text_encoder.tokenize(batch["captions"])
-            l_pooled = trainer.text_encoder.encode_clip(tokens["clip_ids"])
+        if models.train_clip:
+            tokens = models.text_encoder.tokenize(batch["captions"])
+            l_pooled = models.text_encoder.encode_clip(tokens["clip_ids"])
         pred = model(hidden_states=pack_latents(noisy), encoder_hidden_states=batch["t5_out"].to(dtype),
                      pooled_projections=l_pooled, timestep=sigma.view(-1), img_ids=image_ids(h, w, b),
                      txt_ids=batch["txt_ids"][0], guidance=torch.full((b,), 1.0) if model.config.guidance_embeds
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant in (("ours", "plain") if round_no % 2 == 0 else ("plain", "ours")):
                 with guards_off(trainer) if variant == "plain" else contextlib.nullcontext():
                     results[variant].append(time_ours(trainer, args.steps))
-        trainer.guards.close()
+        trainer.control.close()
     med = {k: statistics.median(v) for k, v in results.items()}
     report = {
         "width": args.width, "steps_per_round": args.steps, "rounds": args.rounds,

@@ -1,7 +1,8 @@
 """Find, list, validate and prune training checkpoints in an output folder (stdlib only, never imports torch).
 
 - Default: the newest valid state folder and the command that resumes from it.
-- `--list` / `--json`: every candidate with step, epoch, size, time and why it is invalid.
+- `--list` / `--json`: every candidate with step, epoch, run, size, time and why it is invalid, and the earlier
+  runs kept under runs/<id>/ (a fresh start moves the previous run's files there).
 - `--validate PATH`: check one state folder or LoRA file.
 - `--prune-keep N`: delete all but the newest N valid state folders (`--dry-run`, `--prune-invalid`).
 Exit codes: 0 found, 3 nothing valid found, 2 usage error, 1 other failure. Uses the trainer's validation module.
@@ -29,9 +30,11 @@ from library import atomic_io  # noqa: E402
 from library.checkpoint_validation import (  # noqa: E402
     CheckpointInfo,
     discover,
+    newest_valid_state,
     validate_lora_file,
     validate_state_dir,
 )
+from library.run_identity import archived_runs  # noqa: E402
 
 from fluxgym.closed_pipe import quiet_closed_pipe  # noqa: E402
 
@@ -107,7 +110,8 @@ def _row(info: CheckpointInfo) -> str:
     status = "valid" if info.valid else f"INVALID: {info.reason}"
     step = "-" if info.step is None else str(info.step)
     epoch = "-" if info.epoch is None else str(info.epoch)
-    return f"{info.path.name:<44} step {step:>8}  epoch {epoch:>4}  {_fmt_size(info.size):>10}  " \
+    run = "-" if info.run_id is None else str(info.run_id)
+    return f"{info.path.name:<44} step {step:>8}  epoch {epoch:>4}  run {run:>3}  {_fmt_size(info.size):>10}  " \
            f"{_fmt_time(info.mtime)}  {status}"
 
 
@@ -134,6 +138,9 @@ def _run_find(args, output_dir: Path) -> int:
     for kind in _kinds(args.type):
         cands = discover(output_dir, kind=kind, output_name=args.name)
         newest = next((c for c in cands if c.valid), None)
+        if kind == "state" and newest is not None:  # the trainer's --resume auto rule: the folder's current run
+            picked = newest_valid_state(output_dir, args.name, log=False)
+            newest = next((c for c in cands if picked is not None and c.path == picked.path), None)
         found_any |= newest is not None
         entry = None
         if newest is not None:
@@ -145,9 +152,21 @@ def _run_find(args, output_dir: Path) -> int:
         result["candidates"][kind] = [c.to_json() for c in cands]
         if not args.json:
             _print_kind(kind, cands, newest, output_dir, args.list)
+    result["runs"] = archived_runs(output_dir)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.list:
+        _print_runs(result["runs"])
     return EXIT_OK if found_any else EXIT_NONE
+
+
+def _print_runs(runs: list[dict]) -> None:
+    if not runs:
+        return
+    print("earlier runs kept apart (runs/<id>/, never resumed by --resume auto):")
+    for run in runs:
+        print(f"  run {run['run_id']}: {len(run['states'])} state folder(s), {len(run['lora_files'])} LoRA file(s) "
+              f"in {run['path']}")
 
 
 def _print_kind(kind, cands, newest, output_dir: Path, list_all: bool) -> None:

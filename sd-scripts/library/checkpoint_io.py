@@ -2,13 +2,15 @@
 
 - `save_lora_file`: atomic safetensors write carrying `fluxtrain_data_sha256` (tensor-data hash).
 - `save_state_folder`: accelerate state + `train_state.json` + `checkpoint.json` (last) published by rename.
-- `load_state_folder`: validates, checks resume settings, restores via accelerate, and reports what could not be
-  restored (old RNG pickles without `step`, pickles rejected by `weights_only`).
+- `inspect_state_folder`: validates a state folder and checks resume settings (preflight, before models load);
+  `restore_state_folder` restores it via accelerate and reports what could not be restored (old RNG pickles
+  without `step`, pickles rejected by `weights_only`); `load_state_folder` does both.
 - `rotate`: keeps the newest N complete checkpoints per kind, deleting only after the new one is in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -18,7 +20,7 @@ import platform
 import struct
 from pathlib import Path
 
-from library import atomic_io
+from library import atomic_io, disk_errors
 from library.checkpoint_validation import (
     DATA_SHA_KEY,
     MANIFEST_FORMAT,
@@ -29,6 +31,7 @@ from library.checkpoint_validation import (
     read_train_state,
     validate_state_dir,
 )
+from library.errors import ResumeError
 from library.fault_injection import inject_point
 
 logger = logging.getLogger(__name__)
@@ -36,11 +39,11 @@ logger = logging.getLogger(__name__)
 RNG_FILE = "random_states_0.pkl"
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(ResumeError):
     """A setting that must match on resume differs between the checkpoint and this run."""
 
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(ResumeError, RuntimeError):
     """The state folder cannot be used for --resume."""
 
 
@@ -52,6 +55,7 @@ class ResumeInfo:
     warnings: list[str]
     has_manifest: bool = False
     path: Path | None = None
+    run_id: int | None = None  # the run that wrote it (None: upstream-made or older)
 
 
 # ---------------------------------------------------------------- LoRA files
@@ -76,7 +80,9 @@ def save_lora_file(final_path, tensors: dict, metadata: dict | None, *, ops: ato
     meta[DATA_SHA_KEY] = meta["sshs_model_hash"] = hashlib.sha256(_data_section(draft)).hexdigest()
     meta["sshs_legacy_hash"] = hashlib.sha256(draft[0x100000:0x110000]).hexdigest()[:8]
     blob = st_save(tensors, metadata=meta)
-    return atomic_io.write_file_atomic(Path(final_path), blob, ops=ops)
+    # FIX: a full disk ended the run with a bare OSError traceback; now one DiskError saying what to free.
+    with disk_errors.saving("the LoRA file", final_path, needed_bytes=len(blob)):
+        return atomic_io.write_file_atomic(Path(final_path), blob, ops=ops)
 
 
 # ---------------------------------------------------------------- state folders
@@ -105,12 +111,18 @@ def save_state_folder(
     resume_settings: dict,
     args_digest: str,
     current_epoch_1based: int,
+    run_id: int | None = None,
     ops: atomic_io.FsOps | None = None,
 ) -> Path:
     """Write an upstream-layout state folder under a temp name and publish it complete (manifest last)."""
     final_dir = Path(final_dir)
-    with atomic_io.atomic_dir(final_dir, ops=ops) as stage:
-        accelerator.save_state(str(stage.path), safe_serialization=True)
+    needed = lambda: estimate_state_bytes(accelerator)  # noqa: E731 -- only computed when a write failed
+    # FIX: a full disk during a state save said "RuntimeError: [enforce fail at inline_container.cc:672] .
+    # unexpected pos ..." (torch's zip writer drops errno); now one DiskError, the previous state intact.
+    with disk_errors.saving("the training state", final_dir, needed_bytes=needed), \
+            atomic_io.atomic_dir(final_dir, ops=ops) as stage:
+        with disk_errors.hidden_errno(stage.path, needed_bytes=needed):  # judged before the temp folder goes
+            accelerator.save_state(str(stage.path), safe_serialization=True)
         inject_point("save")  # hang tests: a save stuck after the temp folder exists
         stage.write_json(TRAIN_STATE_NAME, {"current_epoch": int(current_epoch_1based), "current_step": int(step)})
         stage.set_manifest(
@@ -123,12 +135,25 @@ def save_state_folder(
                 "epoch": int(epoch),
                 "data_position": {k: int(v) for k, v in data_position.items()},
                 "versions": _versions(),
-                "args_digest": args_digest,
+                "args_digest": args_digest,  # the run's settings hash
+                "run_id": run_id,
                 "resume_settings": _jsonable(resume_settings),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
         )
     return final_dir
+
+
+def estimate_state_bytes(accelerator) -> int:
+    """About how many bytes `accelerator.save_state` writes: model tensors, optimizer state, a little more."""
+    total = 256 * 1024  # scheduler, RNG states, train_state.json, manifest
+    with contextlib.suppress(Exception):
+        for model in getattr(accelerator, "_models", []):
+            total += sum(t.numel() * t.element_size() for t in model.state_dict().values() if hasattr(t, "numel"))
+        for opt in getattr(accelerator, "_optimizers", []):
+            for state in opt.state_dict().get("state", {}).values():
+                total += sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel"))
+    return total
 
 
 def _jsonable(d: dict) -> dict:
@@ -174,8 +199,18 @@ def load_state_folder(path, *, accelerator, resume_settings: dict) -> ResumeInfo
 
     `warnings` lists what could not be restored or checked; the caller logs them (this function does not).
     """
+    info = inspect_state_folder(path, resume_settings=resume_settings)
+    restore_state_folder(info, accelerator=accelerator)
+    return info
+
+
+def inspect_state_folder(path, *, resume_settings: dict, validated: CheckpointInfo | None = None) -> ResumeInfo:
+    """Everything about a resume target that needs no model: valid, settings match, step and data position.
+
+    `validated`: the folder's CheckpointInfo when the caller has just validated it (not hashed twice).
+    """
     path = Path(path)
-    info: CheckpointInfo = validate_state_dir(path)
+    info: CheckpointInfo = validated if validated is not None and validated.valid else validate_state_dir(path)
     if not info.valid:
         raise CheckpointLoadError(
             f"--resume {path}: not a usable checkpoint ({info.reason}). "
@@ -187,17 +222,24 @@ def load_state_folder(path, *, accelerator, resume_settings: dict) -> ResumeInfo
         warnings += check_resume_settings(manifest.get("resume_settings") or {}, resume_settings, path)
         step, epoch = manifest["step"], int(manifest.get("epoch", 0))
         data_position = manifest.get("data_position")
+        run_id = manifest.get("run_id") if isinstance(manifest.get("run_id"), int) else None
     else:
         ts = read_train_state(path)
         step = ts["current_step"]
         # upstream's current_epoch is the 1-based epoch in progress; completed epochs are one less at most
         epoch = max(int(ts.get("current_epoch", 1)) - 1, 0)
-        data_position = None
+        data_position, run_id = None, None
         warnings.append(
             f"{path.name} has no {atomic_io.MANIFEST_NAME} (written by upstream sd-scripts?): settings not checked, "
             f"data position derived from step {step}"
         )
     warnings += _probe_rng(path)
+    return ResumeInfo(step, epoch, data_position, warnings, info.has_manifest, path, run_id)
+
+
+def restore_state_folder(info: ResumeInfo, *, accelerator) -> None:
+    """Load an inspected state folder into `accelerator`; what could not be restored is added to info.warnings."""
+    path, warnings = info.path, info.warnings
     try:
         accelerator.load_state(str(path))
     except KeyError as exc:
@@ -209,7 +251,6 @@ def load_state_folder(path, *, accelerator, resume_settings: dict) -> ResumeInfo
             f"--resume {path}: accelerate could not load it ({type(exc).__name__}: {exc}). "
             "The network/optimizer settings must match the run that wrote it."
         ) from exc
-    return ResumeInfo(step, epoch, data_position, warnings, info.has_manifest, path)
 
 
 # ---------------------------------------------------------------- rotation

@@ -5,6 +5,9 @@
   intact (safetensors header vs size, `.bin` zip archives readable, `train_state.json` parses).
 - `validate_lora_file`: header vs size, plus the `fluxtrain_data_sha256` metadata when present.
 - `discover` / `newest_valid_state`: order by step (manifest, train_state.json, name), mtime only for ties.
+- Runs: every checkpoint we write names its run (`run_id` in the manifest, `fluxtrain_run_id` in LoRA metadata);
+  `OUTPUT_DIR/fluxtrain-runs.json` names the folder's current run per output name. `iter_valid_states` offers
+  the current run's states first, then states that name no run (upstream or older trainers), never another run's.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "fluxtrain-checkpoint"
 DATA_SHA_KEY = "fluxtrain_data_sha256"
+RUN_ID_KEY = "fluxtrain_run_id"  # LoRA metadata: the run that wrote the file (the manifest says `run_id`)
+SETTINGS_HASH_KEY = "fluxtrain_settings_hash"  # LoRA metadata: hash of the settings a resume must share
+RUN_FILE = "fluxtrain-runs.json"  # the folder's current run per output name (library.run_identity writes it)
+RUNS_DIR = "runs"  # earlier runs' files, moved to runs/<id>/ when a new run starts
 TRAIN_STATE_NAME = "train_state.json"
 LORA_EXT = ".safetensors"
 _EPOCH_STATE = re.compile(r"^(?P<name>.+)-(?P<num>\d{6,})-state$")
@@ -39,11 +46,12 @@ class CheckpointInfo:
     """One candidate checkpoint (a plain class: dataclasses would cost this stdlib-only module ~10 ms import)."""
 
     FIELDS = ("path", "kind", "output_name", "step", "epoch", "valid", "reason", "has_manifest", "mtime", "size",
-              "label", "step_source")
+              "label", "step_source", "run_id")
     __slots__ = FIELDS
 
     def __init__(self, path: Path, kind: str, output_name: str, step: int | None, epoch: int | None, valid: bool,
-                 reason: str, has_manifest: bool, mtime: float, size: int, label: str = "", step_source: str = ""):
+                 reason: str, has_manifest: bool, mtime: float, size: int, label: str = "", step_source: str = "",
+                 run_id: int | None = None):
         self.path = path
         self.kind = kind  # "state" or "model"
         self.output_name = output_name
@@ -56,6 +64,7 @@ class CheckpointInfo:
         self.size = size
         self.label = label  # "epoch", "step", "last" or "leftover"
         self.step_source = step_source  # "manifest", "train_state.json", "metadata" or "name"
+        self.run_id = run_id  # the run that wrote it; None for upstream-made or older checkpoints
 
     def to_json(self) -> dict:
         d = {f: getattr(self, f) for f in self.FIELDS}
@@ -240,6 +249,7 @@ def _probe_state(path: Path) -> CheckpointInfo:
         if has_manifest:
             m = read_manifest(path)
             info.step, info.epoch, info.step_source = m["step"], m.get("epoch"), "manifest"
+            info.run_id = parse_run_id(m.get("run_id"))
             return info
     except ValueError:
         pass  # garbled: fall through to weaker sources, validation reports it
@@ -307,6 +317,7 @@ def validate_lora_file(path: Path) -> CheckpointInfo:
             if str(meta.get(key, "")).isdigit():
                 setattr(info, attr, int(meta[key]))
         info.step_source = "metadata" if info.step is not None else ""
+        info.run_id = parse_run_id(meta.get(RUN_ID_KEY))
         if info.step is None and label == "step":
             info.step, info.step_source = num, "name"
         if info.epoch is None and label == "epoch":
@@ -390,13 +401,74 @@ def discover(
     return sorted(real, key=_sort_key, reverse=True) + sorted(left, key=lambda c: c.mtime, reverse=True)
 
 
-def iter_valid_states(output_dir: Path, output_name: str | None = None, log: bool = True):
-    """Valid state folders newest first, validated lazily; each invalid one passed over is logged with its reason.
+def parse_run_id(value) -> int | None:
+    """A run id as recorded (int or digit string), else None."""
+    text = str(value) if value is not None else ""
+    return int(text) if text.isdigit() else None
 
-    For `--resume auto`: when the newest fails to load, take the next one from the same iterator.
-    """
+
+def read_run_file(output_dir: Path) -> dict:
+    """`fluxtrain-runs.json` of an output folder ({} when missing or garbled: the folder then has no current run)."""
+    try:
+        data = json.loads((Path(output_dir) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("runs"), dict) else {}
+
+
+def current_run(output_dir: Path, output_name: str | None) -> dict | None:
+    """The record of the run `output_name` is on in this folder: {"run_id", "token", "settings_hash", ...}."""
+    runs = read_run_file(output_dir).get("runs", {})
+    if output_name is None:
+        records = [r for r in runs.values() if isinstance(r, dict) and parse_run_id(r.get("run_id")) is not None]
+        return max(records, key=lambda r: int(r["run_id"]), default=None)
+    record = runs.get(output_name)
+    return record if isinstance(record, dict) and parse_run_id(record.get("run_id")) is not None else None
+
+
+def resumed_run(output_dir: Path, output_name: str | None, cands: list[CheckpointInfo]) -> tuple[int | None, str]:
+    """Which run `--resume auto` continues, and why: the folder's current run (fluxtrain-runs.json); without
+    that file the run that wrote the most recent checkpoint; None when no checkpoint names a run (upstream/older folders)."""
+    record = current_run(output_dir, output_name)
+    if record:
+        return int(record["run_id"]), f"the current run of {Path(output_dir).name} ({RUN_FILE})"
+    named = [c for c in cands if c.run_id is not None]
+    if not named:
+        return None, ""
+    latest = max(named, key=lambda c: c.mtime)
+    return latest.run_id, f"the run that wrote the most recent checkpoint ({latest.path.name}); no {RUN_FILE}"
+
+
+def split_by_run(cands: list[CheckpointInfo], run_id: int | None) -> tuple[list, list]:
+    """(resumable, other runs') for the folder's current run `run_id`, each newest first: that run's states, then
+    states naming no run; with no current run, every candidate (what discovery offered before runs had ids)."""
+    if run_id is None:
+        return list(cands), []
+    ours = [c for c in cands if c.run_id == run_id]
+    unnamed = [c for c in cands if c.run_id is None]
+    return ours + unnamed, [c for c in cands if c.run_id not in (None, run_id)]
+
+
+def resume_candidates(output_dir: Path, output_name: str | None) -> tuple[list, list, int | None, str]:
+    """State folders `--resume auto` may take, newest first and not yet validated (`validate_candidate`), the
+    other runs' state folders it passes over, the run it continues and why (see `resumed_run`)."""
     cands = sorted(_candidates(Path(output_dir), "state", output_name, False), key=_sort_key, reverse=True)
-    for info in cands:
+    run_id, why = resumed_run(output_dir, output_name, cands)
+    ours, others = split_by_run(cands, run_id)
+    return ours, others, run_id, why
+
+
+def validate_candidate(info: CheckpointInfo) -> CheckpointInfo:
+    """Full validation (sizes and hashes) of a candidate from `resume_candidates`, in place."""
+    return _validate_probed_state(info)
+
+
+def iter_valid_states(output_dir: Path, output_name: str | None = None, log: bool = True):
+    """Valid state folders of the run being continued, newest first (see `resume_candidates`), validated lazily;
+    each invalid one passed over is logged with its reason. The trainer's `--resume auto`, `fluxgym resume`,
+    find_checkpoint and the monitor all pick through here, so they agree.
+    """
+    for info in resume_candidates(output_dir, output_name)[0]:
         _validate_probed_state(info)
         if info.valid:
             yield info

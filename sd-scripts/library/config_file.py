@@ -12,9 +12,10 @@ import tomllib
 from pathlib import Path
 
 from library.args import UNSUPPORTED_FLAGS, UNSUPPORTED_MESSAGE
+from library.errors import BadFileError
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(BadFileError):
     pass
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from library.errors import BadFileError
 from library.dataset_config import IMAGE_EXTENSIONS, DatasetBlueprint, SubsetBlueprint
 from library.fault_injection import inject_point
 
@@ -30,7 +31,7 @@ TE_KEYS = ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask")
 _LIST_LIMIT = 20  # how many file names a warning lists before "... and N more"
 
 
-class DatasetError(ValueError):
+class DatasetError(BadFileError):
     """The images/captions on disk cannot be used as a dataset; the message names the files."""
 
 

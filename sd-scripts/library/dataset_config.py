@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from library.errors import BadFileError
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -27,7 +29,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESOLUTION_MULTIPLE = 16  # latents are /8 and FLUX packs 2x2 latent patches
 
 
-class DatasetConfigError(ValueError):
+class DatasetConfigError(BadFileError):
     """A dataset config (or the command-line values feeding it) cannot be used; the message says where."""
 
 

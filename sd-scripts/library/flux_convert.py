@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
+from library.errors import BadFileError
+
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 # BFL module -> diffusers module, for modules whose tensors are only renamed.
@@ -62,7 +64,7 @@ _BLOCK_RE = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.(.+)$")
 _DIFF_BLOCK_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
-class ConversionError(ValueError):
+class ConversionError(BadFileError):
     """A state dict does not have the layout the converter expects."""
 
 

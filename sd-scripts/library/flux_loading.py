@@ -19,6 +19,7 @@ import torch
 
 from library import flux_convert as fc
 from library.flux_time_inputs import keep_time_inputs_float32
+from library.errors import BadFileError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".sft")
 FP8_SKIP_PATTERNS = ("pos_embed", "^x_embedder$", "^context_embedder$", "^time_text_embed", "^norm_out", "^proj_out$")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(BadFileError):
     """A model file is missing, unreadable or not the kind of model the flag expects."""
 
 
@@ -57,7 +58,7 @@ class FluxModelInfo:
 
 # ---------------------------------------------------------------- file helpers
 
-def _weight_files(path, flag: str, kind: str, subfolders: tuple[str, ...]) -> list[Path]:
+def weight_files(path, flag: str, kind: str, subfolders: tuple[str, ...]) -> list[Path]:
     p = Path(path) if path else None
     if p is None or not p.exists():
         raise ModelFileError(f"{flag}: {kind} file not found: {path}. Check the path (absolute paths are safest).")
@@ -168,7 +169,7 @@ def _flux_bfl_shapes(header: dict[str, tuple[tuple, str]]) -> tuple[dict[str, tu
 
 def analyze_flux_checkpoint(path, *, flag: str = FLUX_FLAG) -> FluxModelInfo:
     """Architecture of a FLUX transformer file/folder from its header(s) only."""
-    files = _weight_files(path, flag, "FLUX transformer", ("transformer",))
+    files = weight_files(path, flag, "FLUX transformer", ("transformer",))
     header = _read_header(files, flag, "FLUX transformer")
     try:
         shapes, is_diffusers, keymap = _flux_bfl_shapes(header)
@@ -243,7 +244,7 @@ def load_ae(path, *, dtype, flag: str = "--ae"):
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
-    files = _weight_files(path, flag, "autoencoder", ("vae",))
+    files = weight_files(path, flag, "autoencoder", ("vae",))
     header = _read_header(files, flag, "autoencoder")
     keymap = _ae_keymap(list(header))
     shapes = {k: header[o][0] for k, o in keymap.items()}
@@ -320,7 +321,7 @@ def load_clip_l(path, *, dtype, flag: str = "--clip_l"):
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    files = _weight_files(path, flag, "CLIP-L text encoder", ("text_encoder",))
+    files = weight_files(path, flag, "CLIP-L text encoder", ("text_encoder",))
     header = _read_header(files, flag, "CLIP-L text encoder")
     keymap = _clip_keymap(list(header))
     try:
@@ -354,7 +355,7 @@ def load_t5xxl(path, *, dtype, flag: str = "--t5xxl"):
     from accelerate import init_empty_weights
     from transformers import T5Config, T5EncoderModel
 
-    files = _weight_files(path, flag, "T5-XXL text encoder", ("text_encoder_2",))
+    files = weight_files(path, flag, "T5-XXL text encoder", ("text_encoder_2",))
     header = _read_header(files, flag, "T5-XXL text encoder")
     shapes = {k: v[0] for k, v in header.items()}
     try:

@@ -12,6 +12,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from library.errors import BadFileError
+
 logger = logging.getLogger(__name__)
 
 CLIP_HUB_ID = "openai/clip-vit-large-patch14"
@@ -24,7 +26,7 @@ _CLIP_BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 _CLIP_NUM_MERGES = 49152 - 256 - 2  # vocab size 49408 = 2*256 byte tokens + merges + 2 specials
 
 
-class TokenizerNotFoundError(RuntimeError):
+class TokenizerNotFoundError(BadFileError, RuntimeError):
     """No tokenizer files were found locally."""
 
 

@@ -116,6 +116,7 @@ class HangGuards:
         self._armed_at = -1e18
         self._armed_wall = 0.0  # wall-clock time of the last arming, compared with a dump file's mtime
         self._dump_lock = threading.Lock()  # progress() (main thread) vs the watchdog swapping files
+        self._drop_dead_pending_files()
         self._stall_file = self._open_pending("stall")
         self._signal_file = self._open_pending("stacks")
         self._register_sigusr1(self._signal_file)
@@ -271,6 +272,22 @@ class HangGuards:
         except OSError as e:
             logger.warning("stack dumps disabled: cannot write in %s: %s", self.output_dir, e)
             return None
+
+    def _drop_dead_pending_files(self) -> None:
+        """Hidden dump files of a process that is gone (killed, so it never tidied up): a dump it wrote is
+        published under its public name, an empty file is removed."""
+        from library.atomic_io import pid_alive
+
+        for kind, prefix in (("stall", "hang"), ("stacks", "stacks")):
+            for hidden in self.output_dir.glob(f".{kind}-dump-*.txt"):
+                pid = hidden.name[len(kind) + 7:-4]  # ".<kind>-dump-" ... ".txt"
+                if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+                    continue
+                with contextlib.suppress(OSError):
+                    if hidden.stat().st_size:
+                        os.replace(hidden, _unique_path(self.output_dir, prefix))
+                    else:
+                        hidden.unlink()
 
     def _drop_empty_pending_files(self) -> None:
         for kind in ("stall", "stacks"):

@@ -53,12 +53,12 @@ _SITES = (
         "save", "--save_timeout", 900.0, "s",
         "writing a checkpoint did not finish; the previous checkpoint is intact. Check free space and the health "
         "of the output disk, or raise --save_timeout for a slow network drive.",
-        "sd-scripts/library/trainer.py", "FluxLoRATrainer.save_checkpoint"),
+        "sd-scripts/library/checkpointer.py", "Checkpointer.save"),
     HangSite(
         "ddp", "--ddp_timeout", None, "min",
         "another process (rank) did not reach the synchronisation point. Look for the first error in the other "
         "ranks' output; raise --ddp_timeout (minutes) if one rank is only slow, e.g. while caching.",
-        "sd-scripts/library/trainer.py", "FluxLoRATrainer.barrier", injectable=False),
+        "sd-scripts/library/train_session.py", "RunControl.ddp_deadline", injectable=False),
     HangSite(
         "step", "--stall_dump_timeout", 600.0, "s",
         "a training step did not finish. Check the GPU (nvidia-smi), lower the batch size or resolution, "

@@ -3,8 +3,8 @@
 Responsibilities: keep the current phase/step/epoch (and the last loss) in memory, write it to
 `OUTPUT_DIR/heartbeat.json` atomically (temp file + os.replace) on every phase change and step,
 and read it back for tools. Every rank writes its own file: global rank 0 `heartbeat.json`, rank N
-`heartbeat-rank<N>.json`, so a supervisor on any machine can see each of its ranks move. Stdlib only (the monitor imports it); I/O errors are logged once and
-never raised, because losing a heartbeat must never stop training.
+`heartbeat-rank<N>.json`, so a supervisor on any machine can see each of its ranks move. Stdlib only (the
+monitor imports it); I/O errors are logged once and never raised, because losing a heartbeat must never stop training.
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 FILE_NAME = "heartbeat.json"
 RANK_FILE_NAME = "heartbeat-rank{rank}.json"  # global ranks other than 0
 VERSION = 1
-PHASES = ("loading", "caching_latents", "caching_text", "training", "sampling", "saving", "done", "failed")
+# `stopped`: ended by a signal (or by its launcher's death); `signal` then names it, e.g. "SIGTERM".
+PHASES = ("loading", "caching_latents", "caching_text", "training", "sampling", "saving", "done", "failed",
+          "stopped")
 
 
 class Heartbeat:
@@ -61,6 +63,8 @@ class Heartbeat:
             "last_checkpoint": None,
             "loss": None,
             "message": "",
+            "run_id": None,
+            "settings_hash": None,
         }
 
     # -- state updates -------------------------------------------------------------------------
@@ -78,11 +82,20 @@ class Heartbeat:
             changes["loss"] = float(loss)  # the step's own loss, for UIs that plot it without the console
         self._update(_throttle=True, **changes)
 
+    def identify(self, run_id: int, settings_hash: str) -> None:
+        """The run this trainer continues or starts (library.run_identity), so a monitor can tell runs apart."""
+        self._update(run_id=int(run_id), settings_hash=str(settings_hash))
+
     def checkpoint(self, path: str | os.PathLike) -> None:
         self._update(last_checkpoint=str(path))
 
     def failed(self, message: str) -> None:
         self._update(phase="failed", phase_started=time.time(), message=message)
+
+    def stopped(self, signal_name: str, message: str = "") -> None:
+        """The run was stopped by `signal_name` (SIGINT, SIGTERM, ...); completed checkpoints are intact."""
+        self._update(phase="stopped", phase_started=time.time(), signal=signal_name,
+                     message=f"{signal_name}: {message}" if message else signal_name)
 
     def done(self) -> None:
         self._update(phase="done", phase_started=time.time(), message="")

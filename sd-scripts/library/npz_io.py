@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from library import disk_errors
 from library.atomic_io import atomic_file, parse_leftover, pid_alive
 from library.errors import HangError
 from library.fault_injection import inject_point
@@ -135,7 +136,9 @@ def atomic_savez(path: os.PathLike | str, arrays: dict[str, np.ndarray]) -> Path
     """Write `arrays` as an uncompressed npz at exactly `path` (no `.npz` is appended), atomically."""
     # FIX: a run killed mid-write left a truncated cache that later crashed (or was reused): temp + rename.
     final = Path(path)
-    with atomic_file(final) as tmp:
+    needed = sum(a.nbytes for a in arrays.values()) + 4096
+    with disk_errors.saving("a cache file", final, needed_bytes=needed, hint=disk_errors.HINT_CACHE), \
+            atomic_file(final) as tmp:
         # Writing through a file object stops numpy from appending ".npz" to the temp name.
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)

@@ -17,7 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, ContextManager
 
+from library import disk_errors
 from library.atomic_io import atomic_file
+from library.errors import BadFileError
 from library.fault_injection import inject_point
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=T
 SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
-class SamplePromptError(ValueError):
+class SamplePromptError(BadFileError):
     """A --sample_prompts file cannot be read or has a malformed entry."""
 
 
@@ -309,7 +311,7 @@ def _decode(ae, latents, device):
 
 def _save_png_atomic(image, path: Path) -> None:
     """Readers (and a monitor watching the folder) never see half a PNG: temp name, fsync, rename."""
-    with atomic_file(path) as tmp:
+    with disk_errors.saving("a sample image", path, hint=disk_errors.HINT_SAMPLE), atomic_file(path) as tmp:
         image.save(tmp, format="PNG")
 
 

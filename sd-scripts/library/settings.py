@@ -16,10 +16,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from library.errors import BadFlagError
+
 log = logging.getLogger(__name__)
 
 
-class SettingsError(ValueError):
+class SettingsError(BadFlagError):
     """A flag combination that cannot work; the message names the flag(s) and the fix."""
 
 

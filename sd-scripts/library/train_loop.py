@@ -16,11 +16,13 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from library import console_markers, run_stats
 from library.dataset import collate
+from library import console_markers, run_stats
 from library.fault_injection import inject_point
 from library.flow_matching import apply_prediction_type, flow_loss, sample_noised
+from library import run_stop
 from library.npz_io import CacheReadTimeout
+from library.train_session import RunControl, TrainSession
 
 log = logging.getLogger(__name__)
 STEP_SEED_STRIDE = 1_000_003  # keeps per-step generator seeds of different runs apart
@@ -54,27 +56,27 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         return max(0, total)
 
 
-def training_batches(trainer) -> Iterator[dict]:
-    """Batches from the trainer's position on, every wait bounded (iter() and each next())."""
-    s = trainer.s
-    workers = min(s.data.num_workers, len(trainer.dataset.items), os.cpu_count() or 1)  # capped as upstream
-    loader = make_loader(trainer, workers)
+def training_batches(session: TrainSession, control: RunControl) -> Iterator[dict]:
+    """Batches from the session's position on, every wait bounded (iter() and each next())."""
+    s = session.settings
+    workers = min(s.data.num_workers, len(session.data.dataset.items), os.cpu_count() or 1)  # capped as upstream
+    loader = make_loader(session, workers)
     bound = s.guards.dataloader_timeout
     # With workers the DataLoader's own timeout fires first and names the batch; this deadline is the
     # backstop. Without workers it is the only bound, so it uses the flag's value itself.
     # FIX: with 0 workers a stuck __getitem__ had no bound at all; this deadline is it.
     backstop = (bound + 10 if workers else bound) if bound else None
     # A cache read that timed out in a worker comes back as CacheReadTimeout (torch rebuilds the type).
-    return trainer.guards.guard_iterator(loader, site="dataloader", seconds=backstop,
+    return control.guards.guard_iterator(loader, site="dataloader", seconds=backstop,
                                          map_errors=((CacheReadTimeout, "cache_io"),))
 
 
-def make_loader(trainer, workers: int) -> torch.utils.data.DataLoader:
-    s = trainer.s
+def make_loader(session: TrainSession, workers: int) -> torch.utils.data.DataLoader:
+    s, data = session.settings, session.data
     sampler = ResumableBatchSampler(
-        trainer.dataset, start_epoch=trainer.pos.epoch, start_batch=trainer.pos.batch_in_epoch,
-        num_epochs=trainer.num_epochs, rank=trainer.accelerator.process_index,
-        world=trainer.accelerator.num_processes, batches_per_epoch=trainer.batches_per_epoch)
+        data.dataset, start_epoch=session.pos.epoch, start_batch=session.pos.batch_in_epoch,
+        num_epochs=data.num_epochs, rank=session.rank, world=session.world,
+        batches_per_epoch=data.batches_per_epoch)
     kwargs = {}
     if workers > 0:
         # FIX: a DataLoader worker that never answers used to block training forever with the GPU at 0 %;
@@ -82,184 +84,187 @@ def make_loader(trainer, workers: int) -> torch.utils.data.DataLoader:
         kwargs["timeout"] = s.guards.dataloader_timeout or 0
         kwargs["persistent_workers"] = s.data.persistent_workers
     return torch.utils.data.DataLoader(
-        trainer.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-        pin_memory=trainer.device.type == "cuda", **kwargs)
+        data.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+        pin_memory=session.device.type == "cuda", **kwargs)
 
 
-def text_conditioning(trainer, batch: dict) -> dict:
+def text_conditioning(session: TrainSession, batch: dict) -> dict:
     """T5 states and CLIP pooled vector for a batch: from the cache, or encoded now."""
-    device, dtype = trainer.device, trainer.weight_dtype
+    device, dtype, models = session.device, session.weight_dtype, session.models
     captions = batch["captions"]
     if "t5_out" in batch:
         cond = {k: batch[k] for k in ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask")}
     else:
         with torch.no_grad():
-            cond = trainer.text_encoder.encode(captions)
-    if trainer.train_clip:
-        tokens = trainer.text_encoder.tokenize(captions)
-        cond["l_pooled"] = trainer.text_encoder.encode_clip(tokens["clip_ids"].to(device))
+            cond = models.text_encoder.encode(captions)
+    if models.train_clip:
+        tokens = models.text_encoder.tokenize(captions)
+        cond["l_pooled"] = models.text_encoder.encode_clip(tokens["clip_ids"].to(device))
     return {k: v.to(device) if k == "t5_attn_mask" else v.to(device, dtype) for k, v in cond.items()}
 
 
-def attention_mask(trainer, t5_mask: torch.Tensor, image_tokens: int) -> dict | None:
-    if not trainer.s.model.apply_t5_attn_mask:
+def attention_mask(session: TrainSession, t5_mask: torch.Tensor, image_tokens: int) -> dict | None:
+    if not session.settings.model.apply_t5_attn_mask:
         return None
     img = torch.ones(t5_mask.shape[0], image_tokens, dtype=torch.bool, device=t5_mask.device)
     mask = torch.cat([t5_mask.bool(), img], dim=1)[:, None, None, :]
     return {"attention_mask": mask}
 
 
-def training_step(trainer, batch: dict) -> float:
+def training_step(session: TrainSession, control: RunControl, batch: dict) -> float:
     from library.flux_packing import image_ids, pack_latents, unpack_latents
 
-    inject_point("step", step=trainer.pos.step + 1, blocks_to_swap=trainer.s.run.blocks_to_swap)
-    s, device, dtype = trainer.s, trainer.device, trainer.weight_dtype
+    inject_point("step", step=session.pos.step + 1, blocks_to_swap=session.settings.run.blocks_to_swap)
+    s, device, dtype = session.settings, session.device, session.weight_dtype
+    models, opt, accelerator = session.models, session.opt, session.accelerator
     latents = batch["latents"].to(device, dtype)
     b, _, h, w = latents.shape
-    generator = torch.Generator().manual_seed(s.run.seed * STEP_SEED_STRIDE + trainer.pos.step
-                                              + trainer.accelerator.process_index * 7919)
+    generator = torch.Generator().manual_seed(s.run.seed * STEP_SEED_STRIDE + session.pos.step
+                                              + session.rank * 7919)
     noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
     noised = sample_noised(latents, noise, s.flow, generator)
-    cond = text_conditioning(trainer, batch)
+    cond = text_conditioning(session, batch)
     packed = pack_latents(noised.noisy)
     img_ids = image_ids(h, w, b, device, dtype)
     guidance = None
-    if trainer.transformer.config.guidance_embeds:
+    if models.transformer.config.guidance_embeds:
         guidance = torch.full((b,), s.flow.guidance_scale, device=device, dtype=torch.float32)
-    if trainer.block_swapper is not None:
-        trainer.block_swapper.prepare_block_devices_before_forward()
-    with trainer.accelerator.autocast():
-        pred = trainer.transformer(
+    if models.block_swapper is not None:
+        models.block_swapper.prepare_block_devices_before_forward()
+    with accelerator.autocast():
+        pred = models.transformer(
             hidden_states=packed, encoder_hidden_states=cond["t5_out"], pooled_projections=cond["l_pooled"],
             timestep=(noised.timesteps / 1000).to(device, torch.float32), img_ids=img_ids, txt_ids=cond["txt_ids"][0],
-            guidance=guidance, joint_attention_kwargs=attention_mask(trainer, cond["t5_attn_mask"], packed.shape[1]),
+            guidance=guidance, joint_attention_kwargs=attention_mask(session, cond["t5_attn_mask"], packed.shape[1]),
             return_dict=False)[0]
     pred = unpack_latents(pred.float(), h, w)
     pred, weighting = apply_prediction_type(pred, noised, s.flow)
     loss = flow_loss(pred, (noise - latents).float(), s.flow.loss_type, weighting)
-    trainer.accelerator.backward(loss)
-    sync_gradients(trainer)
+    accelerator.backward(loss)
+    sync_gradients(session, control)
     if s.optimizer.max_grad_norm:
-        trainer.accelerator.clip_grad_norm_(trainer.trainable_params, s.optimizer.max_grad_norm)
-    trainer.optimizer.step()
-    trainer.lr_scheduler.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
+        accelerator.clip_grad_norm_(opt.trainable_params, s.optimizer.max_grad_norm)
+    opt.optimizer.step()
+    opt.lr_scheduler.step()
+    opt.optimizer.zero_grad(set_to_none=True)
     return loss.detach().item()
 
 
-def sync_gradients(trainer) -> None:
+def sync_gradients(session: TrainSession, control: RunControl) -> None:
     """Average LoRA gradients across processes (the network's forward is never called, so DDP can't)."""
-    if trainer.accelerator.num_processes == 1:
+    if session.world == 1:
         return
     import torch.distributed as dist
 
-    minutes = trainer.s.guards.ddp_timeout_minutes
     # FIX: a rank that never arrives used to hold the others in this collective for the backend's default
     # (10-30 min); --ddp_timeout bounds it on every backend, not only where the process-group timeout works.
-    with trainer.guards.deadline("ddp", minutes * 60 if minutes else None,
-                                 detail="gradient all-reduce: waiting for the other processes"):
-        for param in trainer.trainable_params:
+    with control.ddp_deadline("gradient all-reduce: waiting for the other processes"):
+        for param in session.opt.trainable_params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-            param.grad /= trainer.accelerator.num_processes
+            param.grad /= session.world
 
 
-def maybe_sample(trainer, *, at_epoch_end: bool, first: bool = False) -> None:
-    sample = trainer.s.sample
+def maybe_sample(session: TrainSession, control: RunControl, *, at_epoch_end: bool, first: bool = False) -> None:
+    sample = session.settings.sample
     if not sample.enabled:
         return
-    step = trainer.pos.step
+    step = session.pos.step
     due = (first and sample.at_first) or (
-        at_epoch_end and sample.every_n_epochs and trainer.pos.epoch % sample.every_n_epochs == 0) or (
+        at_epoch_end and sample.every_n_epochs and session.pos.epoch % sample.every_n_epochs == 0) or (
         not at_epoch_end and not first and not sample.every_n_epochs and sample.every_n_steps
         and step % sample.every_n_steps == 0)
     if not due:
         return
-    trainer.barrier()
-    if trainer.accelerator.is_main_process:
-        generate_samples(trainer, epoch=trainer.pos.epoch if at_epoch_end else None)
-    trainer.barrier()
+    control.barrier()
+    if session.is_main:
+        generate_samples(session, control, epoch=session.pos.epoch if at_epoch_end else None)
+    control.barrier()
 
 
-def sample_conditioning(trainer, prompt: str) -> dict:
+def sample_conditioning(session: TrainSession, prompt: str) -> dict:
     """Cached T5 states for a sample prompt; when CLIP-L is trained, its pooled vector is encoded now so
     the sample shows the CLIP LoRA as it is at this step (as upstream, which re-encodes at sample time)."""
-    cond = dict(trainer.sample_embeds[prompt])
-    if trainer.train_clip:
-        tokens = trainer.text_encoder.tokenize([prompt])
-        cond["l_pooled"] = trainer.text_encoder.encode_clip(tokens["clip_ids"].to(trainer.device))
+    models = session.models
+    cond = dict(session.samples.embeds[prompt])
+    if models.train_clip:
+        tokens = models.text_encoder.tokenize([prompt])
+        cond["l_pooled"] = models.text_encoder.encode_clip(tokens["clip_ids"].to(session.device))
     return cond
 
 
-def generate_samples(trainer, epoch: int | None = None) -> None:
+def generate_samples(session: TrainSession, control: RunControl, epoch: int | None = None) -> None:
     from library import sampling
 
-    previous = trainer.phase
-    trainer.set_phase("sampling", f"sample images at step {trainer.pos.step}")
-    print(console_markers.GENERATING_SAMPLES.format(step=trainer.pos.step))
-    trainer.ae.to(trainer.device)
+    models, s, step = session.models, session.settings, session.pos.step
+    previous = control.phase
+    control.set_phase("sampling", f"sample images at step {step}")
+    print(console_markers.GENERATING_SAMPLES.format(step=step))
+    models.ae.to(session.device)
 
     def guard(index: int):
         # FIX: sampling runs inline and had no bound (minutes per image on small GPUs, forever when stuck).
-        return trainer.guards.deadline("sample", trainer.s.guards.sample_timeout)
+        return control.guards.deadline("sample", s.guards.sample_timeout)
 
+    swapper = models.block_swapper
     with torch.no_grad():
         sampling.generate_samples(
-            transformer=trainer.transformer, ae=trainer.ae, encode_prompt=lambda p: sample_conditioning(trainer, p),
-            prompts=trainer.sample_prompts, output_dir=trainer.s.save.output_dir,
-            output_name=trainer.s.save.output_name, step=trainer.pos.step, device=trainer.device,
-            dtype=trainer.weight_dtype, is_schnell=trainer.model_info.is_schnell, per_image_guard=guard,
-            network=trainer.accelerator.unwrap_model(trainer.network),
-            before_forward=trainer.block_swapper.prepare_block_devices_before_forward if trainer.block_swapper else None,
-            apply_t5_attn_mask=trainer.s.model.apply_t5_attn_mask, epoch=epoch)
-    trainer.ae.to("cpu")
-    trainer.set_phase(previous)
+            transformer=models.transformer, ae=models.ae, encode_prompt=lambda p: sample_conditioning(session, p),
+            prompts=session.samples.prompts, output_dir=s.save.output_dir, output_name=s.save.output_name,
+            step=step, device=session.device, dtype=session.weight_dtype, is_schnell=models.info.is_schnell,
+            per_image_guard=guard, network=session.accelerator.unwrap_model(session.opt.network),
+            before_forward=swapper.prepare_block_devices_before_forward if swapper else None,
+            apply_t5_attn_mask=s.model.apply_t5_attn_mask, epoch=epoch)
+    models.ae.to("cpu")
+    control.set_phase(previous)
 
 
-def run_training_loop(trainer) -> None:
-    s, pos = trainer.s, trainer.pos
-    if pos.step >= trainer.max_train_steps:
-        print(f"already trained {pos.step} of {trainer.max_train_steps} steps: nothing left to do")
+def run_training_loop(session: TrainSession, checkpointer, control: RunControl) -> None:
+    """Train from the session's position to the last step; `checkpointer` is a library.checkpointer.Checkpointer."""
+    pos, data = session.pos, session.data
+    if pos.step >= data.max_train_steps:
+        print(f"already trained {pos.step} of {data.max_train_steps} steps: nothing left to do")
         return
-    print_run_summary(trainer)
-    trainer.set_phase("training", "training")
-    trainer.heartbeat.set_totals(trainer.max_train_steps, trainer.num_epochs)
-    maybe_sample(trainer, at_epoch_end=False, first=pos.step == 0)
-    trainer.transformer.train()
-    batches = training_batches(trainer)
-    bar = tqdm(total=trainer.max_train_steps, initial=pos.step, desc=console_markers.STEPS_BAR_DESC, smoothing=0,
-               file=sys.stderr, disable=not trainer.accelerator.is_main_process)
+    print_run_summary(session)
+    control.set_phase("training", "training")
+    control.heartbeat.set_totals(data.max_train_steps, data.num_epochs)
+    maybe_sample(session, control, at_epoch_end=False, first=pos.step == 0)
+    session.models.transformer.train()
+    batches = training_batches(session, control)
+    bar = tqdm(total=data.max_train_steps, initial=pos.step, desc=console_markers.STEPS_BAR_DESC, smoothing=0,
+               file=sys.stderr, disable=not session.is_main)
     recent_losses: deque[float] = deque(maxlen=100)  # tqdm's avr_loss: mean of the last 100 steps
     clock = run_stats.StepClock.from_env()  # tools/gpu_check.py only; None otherwise
     current_epoch = None
-    while pos.step < trainer.max_train_steps:
+    while pos.step < data.max_train_steps:
         if current_epoch != pos.epoch:
             current_epoch = pos.epoch
-            if trainer.is_main:
-                line = console_markers.EPOCH_LINE.format(epoch=pos.epoch + 1, total=trainer.num_epochs)
+            if session.is_main:
+                line = console_markers.EPOCH_LINE.format(epoch=pos.epoch + 1, total=data.num_epochs)
                 print(f"\n{line}", flush=True)
         batch = next(batches, None)
         if batch is None:
             break
-        loss = training_step(trainer, batch)
+        loss = training_step(session, control, batch)
         pos.step += 1
         pos.batch_in_epoch += 1
         recent_losses.append(loss)
         bar.update(1)
         bar.set_postfix(avr_loss=sum(recent_losses) / len(recent_losses))
-        trainer.record_loss(loss)
-        trainer.heartbeat.step(pos.step, pos.epoch + 1, loss=loss)
-        trainer.guards.progress()
+        control.record_loss(pos.step, loss)
+        control.heartbeat.step(pos.step, pos.epoch + 1, loss=loss)
+        control.guards.progress()
         if clock is not None:
             clock.step_done()
-        after_step(trainer)
-        if pos.batch_in_epoch >= trainer.batches_per_epoch:
-            end_epoch(trainer)
+        run_stop.check()  # a safe point: between steps, before any save of this step begins
+        after_step(session, checkpointer, control)
+        if pos.batch_in_epoch >= data.batches_per_epoch:
+            end_epoch(session, checkpointer, control)
         simulate_crash_if_requested(pos.step)
     bar.close()
-    if clock is not None and trainer.is_main:
-        print(clock.report(trainer.device), flush=True)
+    if clock is not None and session.is_main:
+        print(clock.report(session.device), flush=True)
 
 
 def simulate_crash_if_requested(step: int) -> None:
@@ -271,30 +276,31 @@ def simulate_crash_if_requested(step: int) -> None:
         os._exit(EXIT_AFTER_STEP_CODE)
 
 
-def after_step(trainer) -> None:
-    s, pos = trainer.s, trainer.pos
-    maybe_sample(trainer, at_epoch_end=False)
-    if s.save.every_n_steps and pos.step % s.save.every_n_steps == 0:
-        trainer.save_checkpoint(kind="step", with_state=s.save.save_state)
+def after_step(session: TrainSession, checkpointer, control: RunControl) -> None:
+    save, pos = session.settings.save, session.pos
+    maybe_sample(session, control, at_epoch_end=False)
+    if save.every_n_steps and pos.step % save.every_n_steps == 0:
+        checkpointer.save(kind="step", with_state=save.save_state)
 
 
-def end_epoch(trainer) -> None:
-    s, pos = trainer.s, trainer.pos
+def end_epoch(session: TrainSession, checkpointer, control: RunControl) -> None:
+    save, pos = session.settings.save, session.pos
     pos.epoch += 1
     pos.batch_in_epoch = 0
-    trainer.barrier()
-    every = s.save.every_n_epochs
-    if every and pos.epoch % every == 0 and pos.epoch < trainer.num_epochs:
-        trainer.save_checkpoint(kind="epoch", with_state=s.save.save_state)
-    maybe_sample(trainer, at_epoch_end=True)
+    control.barrier()
+    every = save.every_n_epochs
+    if every and pos.epoch % every == 0 and pos.epoch < session.data.num_epochs:
+        checkpointer.save(kind="epoch", with_state=save.save_state)
+    maybe_sample(session, control, at_epoch_end=True)
 
 
-def print_run_summary(trainer) -> None:
-    if not trainer.is_main:
+def print_run_summary(session: TrainSession) -> None:
+    if not session.is_main:
         return
+    data = session.data
     print("running training")
-    print(f"  num train images * repeats: {trainer.dataset.num_train_images}")
-    print(f"  num batches per epoch: {trainer.batches_per_epoch}")
-    print(f"  num epochs: {trainer.num_epochs}")
-    print(f"  total optimization steps: {trainer.max_train_steps}")
+    print(f"  num train images * repeats: {data.dataset.num_train_images}")
+    print(f"  num batches per epoch: {data.batches_per_epoch}")
+    print(f"  num epochs: {data.num_epochs}")
+    print(f"  total optimization steps: {data.max_train_steps}")
     sys.stdout.flush()

@@ -1,9 +1,11 @@
 """The FLUX LoRA trainer: `FluxLoRATrainer.train()` reads as the table of contents.
 
-Each phase is one method: output folder and guards, tokenizers, dataset, accelerator,
-models, caches, network, optimizer, resume, the loop (in `library.train_loop`), final save.
-Every wait that can hang runs under a bound from `library.hang_guards`; every file that
-counts as a checkpoint is written atomically by `library.checkpoint_io`.
+The preflight (`library.preflight`) has already checked every input, chosen the resume target and the
+run identity. Each phase here is one method that fills one part of the typed `TrainSession`
+(`library.train_session`): accelerator, tokenizers, data, models, caches, network and optimizer; then the
+`Checkpointer` restores the resume point and the loop (`library.train_loop`) runs on the session, the
+checkpointer and the `RunControl`. Every wait that can hang runs under a bound from `library.hang_guards`;
+every file that counts as a checkpoint is written atomically by `library.checkpoint_io`.
 """
 from __future__ import annotations
 
@@ -17,48 +19,35 @@ from pathlib import Path
 
 import torch
 
-from library import checkpoint_io, checkpoint_validation, console_markers, metadata
+from library import console_markers, metadata, run_stop
+from library.checkpointer import Checkpointer
 from library.heartbeat import Heartbeat
-from library.npz_io import CacheReadTimeout
 from library.hang_guards import HangGuards
-from library.settings import SettingsError, TrainSettings, total_steps
+from library.npz_io import CacheReadTimeout
+from library.preflight import Preflight
+from library.settings import TrainSettings, total_steps
+from library.train_session import (DataPlan, Models, Optimization, RunControl, Tokenizers,
+                                   TrainSession)
 
 log = logging.getLogger(__name__)
 REPO_DIR = Path(__file__).resolve().parents[2]
 LOSS_LOG_ENV = "FLUXTRAIN_LOSS_LOG"  # tests: append "step,loss" per optimizer step to this file
 
 
-class _SilentHeartbeat:
-    """Heartbeat stand-in that writes nothing (tools/benchmark.py times the loop without heartbeats)."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-class TrainingPosition:
-    """Where the run is: absolute optimizer steps, completed epochs, and the data cursor."""
-
-    def __init__(self):
-        self.step = 0
-        self.epoch = 0           # 0-based epoch in progress
-        self.batch_in_epoch = 0  # batches of that epoch already consumed
-
-    def as_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-
 class FluxLoRATrainer:
-    def __init__(self, settings: TrainSettings):
+    def __init__(self, settings: TrainSettings, preflight: Preflight):
         self.s = settings
-        self.pos = TrainingPosition()
-        self.phase = "loading"
-        self.sample_embeds: dict = {}
+        self.preflight = preflight
+        self.session: TrainSession | None = None  # from setup_accelerator on
+        self.control: RunControl | None = None  # from prepare_output_dir on
+        self.checkpointer: Checkpointer | None = None
 
     # ------------------------------------------------------------------ table of contents
     def train(self) -> int:
         self.setup_accelerator()
         self.prepare_output_dir()
         try:
+            self.agree_on_run()
             self.load_tokenizers()
             self.build_dataset()
             self.load_models()
@@ -66,49 +55,31 @@ class FluxLoRATrainer:
             self.cache_text_encoder_outputs()
             self.create_network()
             self.create_optimizer()
-            self.resume_if_requested()
+            self.checkpointer.resume()
             from library.train_loop import run_training_loop
 
-            run_training_loop(self)
+            run_training_loop(self.session, self.checkpointer, self.control)
             self.save_final()
+        except run_stop.RunStopped as exc:
+            self.control.heartbeat.stopped(exc.signal_name, exc.detail)
+            raise
         except KeyboardInterrupt:
-            self.heartbeat.failed("interrupted")
+            self.control.heartbeat.failed("interrupted")
             raise
         except Exception as exc:
+            if (stop := run_stop.requested()) is not None:  # e.g. a collective broken by a peer that stopped
+                self.control.heartbeat.stopped(stop.signal_name, stop.detail)
+                raise stop from exc
             if isinstance(exc, CacheReadTimeout):  # a cache read of the caching phase: same exit as any guard
-                self.guards.fire_from_exception("cache_io", exc)
-            self.heartbeat.failed(f"{type(exc).__name__}: {exc}")
+                self.control.guards.fire_from_exception("cache_io", exc)
+            self.control.heartbeat.failed(f"{type(exc).__name__}: {exc}")
             raise
         finally:
-            self.guards.close()
-        self.heartbeat.done()
+            self.control.close()
+        self.control.heartbeat.done()
         return 0
 
     # ------------------------------------------------------------------ phases
-    def prepare_output_dir(self) -> None:
-        out = self.s.save.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        from library import atomic_io
-
-        if self.is_main:
-            # A run killed between the two renames that replace NAME-state gets that checkpoint back.
-            for leftover in atomic_io.cleanup_leftovers(out, is_complete=checkpoint_validation.is_complete_staged):
-                log.warning("removed an unfinished checkpoint left by a killed run: %s", leftover)
-        # Every rank beats into its own file (heartbeat.json for rank 0): a supervisor sees a rank that froze.
-        # Step updates are throttled to two a second (phase changes always write): a monitor needs no more,
-        # and a write per step is measurable on fast small-model steps.
-        self.heartbeat = Heartbeat(out, min_interval=0.5, rank=self.accelerator.process_index)
-        self.guards = HangGuards(out, self.heartbeat, stall_dump_timeout=self.s.guards.stall_dump_timeout,
-                                 position=lambda: {"phase": self.phase, **self.pos.as_dict()})
-        self.set_phase("loading", "loading models")
-        loss_log = os.environ.get(LOSS_LOG_ENV)
-        self.loss_log = open(loss_log, "a", encoding="utf-8") if loss_log else None
-
-    def set_phase(self, phase: str, message: str = "") -> None:
-        self.phase = phase
-        self.heartbeat.phase(phase, message)
-        self.guards.progress()
-
     def setup_accelerator(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs, set_seed
@@ -119,170 +90,185 @@ class FluxLoRATrainer:
         print("preparing accelerator", flush=True)
         # Without cpu=True, processes started by `accelerate launch`/torchrun on a machine with no CUDA
         # each see a world of one (measured, deps-notes §9); with it they form a gloo group.
-        self.accelerator = Accelerator(mixed_precision=self.s.run.mixed_precision, kwargs_handlers=handlers,
-                                       cpu=not torch.cuda.is_available())
-        print(f"accelerator device: {self.accelerator.device}")
+        accelerator = Accelerator(mixed_precision=self.s.run.mixed_precision, kwargs_handlers=handlers,
+                                  cpu=not torch.cuda.is_available())
+        print(f"accelerator device: {accelerator.device}")
         set_seed(self.s.run.seed)
-        self.device = self.accelerator.device
-        self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.s.run.mixed_precision,
-                                                                               torch.float32)
-        self.is_main = self.accelerator.is_main_process
+        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.s.run.mixed_precision, torch.float32)
+        self.session = TrainSession(settings=self.s, accelerator=accelerator, device=accelerator.device,
+                                    weight_dtype=weight_dtype, run=self.preflight.run, resume=self.preflight.resume)
 
-    def barrier(self, what: str = "waiting for the other processes") -> None:
-        """wait_for_everyone, bounded by --ddp_timeout so one stuck rank cannot park the others for 30 min."""
-        if self.accelerator.num_processes == 1:
-            return
-        minutes = self.s.guards.ddp_timeout_minutes
-        # FIX: one stuck rank held every other rank in this barrier for the backend's default 10-30 min.
-        with self.guards.deadline("ddp", minutes * 60 if minutes else None, detail=what):
-            self.accelerator.wait_for_everyone()
+    def prepare_output_dir(self) -> None:
+        session, out = self.session, self.s.save.output_dir
+        # Every rank beats into its own file (heartbeat.json for rank 0): a supervisor sees a rank that froze.
+        # Step updates are throttled to two a second (phase changes always write): a monitor needs no more,
+        # and a write per step is measurable on fast small-model steps.
+        heartbeat = Heartbeat(out, min_interval=0.5, rank=session.rank)
+        run_stop.attach_heartbeat(heartbeat)
+        if session.run is not None:
+            heartbeat.identify(session.run.run_id, session.run.settings_hash)
+        guards = HangGuards(out, heartbeat, stall_dump_timeout=self.s.guards.stall_dump_timeout,
+                            position=lambda: {"phase": self.control.phase, **session.pos.as_dict()})
+        loss_log = os.environ.get(LOSS_LOG_ENV)
+        self.control = RunControl(heartbeat=heartbeat, guards=guards, accelerator=session.accelerator,
+                                  ddp_timeout_minutes=self.s.guards.ddp_timeout_minutes,
+                                  loss_log=open(loss_log, "a", encoding="utf-8") if loss_log else None)
+        self.checkpointer = Checkpointer(session, self.control)
+        self.control.set_phase("loading", "loading models")
+
+    def agree_on_run(self) -> None:
+        from library.rank_agreement import agree_on_run
+
+        agree_on_run(self.session, self.control)
 
     def load_tokenizers(self) -> None:
         from library import flux_tokenizers
 
         cache_dir = self.s.model.tokenizer_cache_dir
-        self.clip_tokenizer = flux_tokenizers.load_clip_tokenizer(cache_dir)
-        self.t5_tokenizer = flux_tokenizers.load_t5_tokenizer(cache_dir)
+        self.session.tokenizers = Tokenizers(clip=flux_tokenizers.load_clip_tokenizer(cache_dir),
+                                             t5=flux_tokenizers.load_t5_tokenizer(cache_dir))
 
     def build_dataset(self) -> None:
-        from library import dataset, dataset_config
+        from library import dataset
 
-        data = self.s.data
-        if data.dataset_config:
-            if data.train_data_dir:
-                log.warning("--dataset_config is set: --train_data_dir is ignored")
-            print(f"Loading dataset config from {data.dataset_config}")
-            blueprints = dataset_config.load_dataset_config(data.dataset_config, cli=data.cli_fallbacks)
-        else:
-            blueprints = dataset_config.blueprints_from_train_data_dir(data.train_data_dir, cli=data.cli_fallbacks)
-        self.blueprints = blueprints
-        self.dataset = dataset.build_dataset(blueprints, seed=self.s.run.seed)
-        world = self.accelerator.num_processes
-        self.batches_per_epoch = -(-self.dataset.num_batches_per_epoch // world)
-        self.max_train_steps, self.num_epochs = total_steps(self.s.run.max_train_steps, self.s.run.max_train_epochs,
-                                                            self.batches_per_epoch)
-        if self.s.run.max_train_epochs and self.is_main:
-            print(f"override steps. steps for {self.num_epochs} epochs is: {self.max_train_steps}")
+        session, blueprints = self.session, self.preflight.blueprints
+        if self.s.data.dataset_config:
+            print(f"Loading dataset config from {self.s.data.dataset_config}")
+        data = dataset.build_dataset(blueprints, seed=self.s.run.seed)
+        world = session.world
+        batches_per_epoch = -(-data.num_batches_per_epoch // world)
+        max_train_steps, num_epochs = total_steps(self.s.run.max_train_steps, self.s.run.max_train_epochs,
+                                                  batches_per_epoch)
+        session.data = DataPlan(blueprints, data, batches_per_epoch, max_train_steps, num_epochs)
+        if session.is_main:
+            if world > 1:
+                print(f"batches: {data.num_batches_per_epoch} per epoch split over {world} processes = "
+                      f"{batches_per_epoch} steps per epoch")
+            if self.s.run.max_train_epochs:
+                print(f"override steps. steps for {num_epochs} epochs is: {max_train_steps}")
 
     def load_models(self) -> None:
         from library import flux_loading
-
-        m = self.s.model
-        self.model_info = flux_loading.analyze_flux_checkpoint(m.dit_path)
-        self.t5_max_length = m.t5xxl_max_token_length or (256 if self.model_info.is_schnell else 512)
-        print(f"t5xxl_max_token_length: {self.t5_max_length}")
-        self.model_hasher = metadata.ModelHasher(m.dit_path)
-        self.transformer = flux_loading.load_flow_model(m.dit_path, dtype=self.weight_dtype, device="cpu",
-                                                        fp8=m.fp8_base, disable_mmap=m.disable_mmap)
-        self.transformer.requires_grad_(False)
-        te_dtype = self.weight_dtype
-        self.clip_l = flux_loading.load_clip_l(m.clip_l_path, dtype=te_dtype).requires_grad_(False)
-        self.t5 = flux_loading.load_t5xxl(m.t5xxl_path, dtype=te_dtype).requires_grad_(False)
-        self.ae = flux_loading.load_ae(m.ae_path, dtype=self.weight_dtype).requires_grad_(False)
-        self.train_clip = not self.s.network.train_unet_only
         from library.text_encoding import FluxTextEncoder
 
-        self.text_encoder = FluxTextEncoder(self.clip_tokenizer, self.t5_tokenizer, self.clip_l, self.t5,
-                                            t5_max_length=self.t5_max_length,
-                                            apply_t5_attn_mask=m.apply_t5_attn_mask)
+        m, session = self.s.model, self.session
+        info = flux_loading.analyze_flux_checkpoint(m.dit_path)
+        t5_max_length = m.t5xxl_max_token_length or (256 if info.is_schnell else 512)
+        print(f"t5xxl_max_token_length: {t5_max_length}")
+        hasher = metadata.ModelHasher(m.dit_path)
+        transformer = flux_loading.load_flow_model(m.dit_path, dtype=session.weight_dtype, device="cpu",
+                                                   fp8=m.fp8_base, disable_mmap=m.disable_mmap)
+        transformer.requires_grad_(False)
+        te_dtype = session.weight_dtype
+        clip_l = flux_loading.load_clip_l(m.clip_l_path, dtype=te_dtype).requires_grad_(False)
+        t5 = flux_loading.load_t5xxl(m.t5xxl_path, dtype=te_dtype).requires_grad_(False)
+        ae = flux_loading.load_ae(m.ae_path, dtype=session.weight_dtype).requires_grad_(False)
+        tok = session.tokenizers
+        text_encoder = FluxTextEncoder(tok.clip, tok.t5, clip_l, t5, t5_max_length=t5_max_length,
+                                       apply_t5_attn_mask=m.apply_t5_attn_mask)
+        session.models = Models(info=info, transformer=transformer, clip_l=clip_l, t5=t5, ae=ae,
+                                text_encoder=text_encoder, train_clip=not self.s.network.train_unet_only,
+                                t5_max_length=t5_max_length, hasher=hasher)
 
     def cache_latents(self) -> None:
         from library import caching, flux_loading
 
-        self.set_phase("caching_latents", "encoding images with the autoencoder")
-        self.ae.to(self.device)
+        session, models = self.session, self.session.models
+        self.control.set_phase("caching_latents", "encoding images with the autoencoder")
+        models.ae.to(session.device)
         generator = torch.Generator().manual_seed(self.s.run.seed)
 
         def encode(images: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                images = images.to(self.device, self.weight_dtype)
-                return flux_loading.encode_latents(self.ae, images, generator).float().cpu()
+                images = images.to(session.device, session.weight_dtype)
+                return flux_loading.encode_latents(models.ae, images, generator).float().cpu()
 
         to_disk = self.s.data.cache_latents_to_disk
         with self.main_process_first(to_disk, "waiting for the main process to cache latents"):
-            self.latent_cache = caching.cache_latents(
-                self.dataset, encode, to_disk=to_disk,
+            session.data.latent_cache = caching.cache_latents(
+                session.data.dataset, encode, to_disk=to_disk,
                 batch_size=self.s.data.vae_batch_size, io_timeout=self.s.guards.cache_io_timeout,
                 fingerprint=caching.file_identity(self.s.model.ae_path))
-        self.ae.to("cpu")
-        self.barrier()
+        models.ae.to("cpu")
+        self.control.barrier()
 
     @contextlib.contextmanager
     def main_process_first(self, shared_files: bool, what: str):
         """With caches on disk, the main process writes them and the other ranks then only read them."""
-        first = shared_files and self.accelerator.num_processes > 1
-        if first and not self.is_main:
-            self.barrier(what)
+        first = shared_files and self.session.world > 1
+        if first and not self.session.is_main:
+            self.control.barrier(what)
         yield
-        if first and self.is_main:
-            self.barrier(what)
+        if first and self.session.is_main:
+            self.control.barrier(what)
 
     def text_fingerprint(self) -> str:
         from library import caching
 
+        tok, models = self.session.tokenizers, self.session.models
         parts = [caching.file_identity(self.s.model.clip_l_path), caching.file_identity(self.s.model.t5xxl_path),
-                 type(self.t5_tokenizer).__name__, str(len(self.t5_tokenizer)), str(len(self.clip_tokenizer)),
-                 str(self.t5_max_length)]
+                 type(tok.t5).__name__, str(len(tok.t5)), str(len(tok.clip)), str(models.t5_max_length)]
         return "|".join(parts)
 
     def cache_text_encoder_outputs(self) -> None:
         from library import caching
 
-        self.set_phase("caching_text", "encoding captions")
-        self.clip_l.to(self.device)
-        self.t5.to(self.device)
-        self.te_cache = None
+        session, models, data = self.session, self.session.models, self.session.data
+        self.control.set_phase("caching_text", "encoding captions")
+        models.clip_l.to(session.device)
+        models.t5.to(session.device)
         if self.s.data.cache_text_encoder_outputs:
             def encode(captions: list[str]) -> dict:
                 with torch.no_grad():
-                    out = self.text_encoder.encode(captions)
+                    out = models.text_encoder.encode(captions)
                 return {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
 
             to_disk = self.s.data.cache_text_encoder_outputs_to_disk
             with self.main_process_first(to_disk, "waiting for the main process to cache text encoder outputs"):
-                self.te_cache = caching.cache_text_encoder_outputs(
-                    self.dataset, encode, to_disk=to_disk,
+                data.te_cache = caching.cache_text_encoder_outputs(
+                    data.dataset, encode, to_disk=to_disk,
                     fingerprint=self.text_fingerprint(), apply_t5_attn_mask=self.s.model.apply_t5_attn_mask,
-                    batch_size=self.s.data.text_encoder_batch_size or self.blueprints[0].batch_size,
+                    batch_size=self.s.data.text_encoder_batch_size or data.blueprints[0].batch_size,
                     io_timeout=self.s.guards.cache_io_timeout)
-        self.dataset.set_caches(self.latent_cache, self.te_cache)
+        data.dataset.set_caches(data.latent_cache, data.te_cache)
         self.encode_sample_prompts()
-        if self.te_cache is not None:
+        if data.te_cache is not None:
             # T5 is never trained: once its outputs are cached it only costs memory.
-            self.t5.to("cpu")
-            self.text_encoder.t5_model = None
-            del self.t5
-            if not self.train_clip:
-                self.clip_l.to("cpu")
+            models.t5.to("cpu")
+            models.text_encoder.t5_model = None
+            models.t5 = None
+            if not models.train_clip:
+                models.clip_l.to("cpu")
             gc.collect()
-        self.barrier()
+        self.control.barrier()
 
     def encode_sample_prompts(self) -> None:
         if not self.s.sample.enabled:
             return
         from library import sampling
 
-        self.sample_prompts = sampling.parse_sample_prompts(self.s.sample.prompts)
+        samples = self.session.samples
+        samples.prompts = sampling.parse_sample_prompts(self.s.sample.prompts)
         with torch.no_grad():
-            for prompt in self.sample_prompts:
+            for prompt in samples.prompts:
                 for text in prompt.texts_to_encode():
-                    if text not in self.sample_embeds:
+                    if text not in samples.embeds:
                         print(f"cache Text Encoder outputs for prompt: {text}")
-                        self.sample_embeds[text] = self.text_encoder.encode([text])
+                        samples.embeds[text] = self.session.models.text_encoder.encode([text])
 
     def create_network(self) -> None:
         from networks import lora_flux
 
-        net = self.s.network
-        self.set_phase("loading", "creating the LoRA network")
+        net, models, device = self.s.network, self.session.models, self.session.device
+        self.control.set_phase("loading", "creating the LoRA network")
         print(f"create LoRA network. base dim (rank): {net.dim}, alpha: {net.alpha}")
-        clip = self.clip_l if self.train_clip else None
-        self.network = lora_flux.create_network(1.0, net.dim, net.alpha, self.ae, [clip, None], self.transformer,
-                                                **net.args)
-        self.network.apply_to([clip, None], self.transformer, apply_text_encoder=self.train_clip, apply_unet=True)
+        clip = models.clip_l if models.train_clip else None
+        network = lora_flux.create_network(1.0, net.dim, net.alpha, models.ae, [clip, None], models.transformer,
+                                           **net.args)
+        network.apply_to([clip, None], models.transformer, apply_text_encoder=models.train_clip, apply_unet=True)
         if net.weights:
             # As upstream (strict=False): load what both sides have, say what was not matched.
-            missing, extra = self.network.load_weights(net.weights, strict=False)
+            missing, extra = network.load_weights(net.weights, strict=False)
             print(f"loaded network weights from {net.weights}")
             if missing:
                 log.warning("--network_weights: %d modules of this network are not in the file (they start "
@@ -291,28 +277,31 @@ class FluxLoRATrainer:
                 log.warning("--network_weights: %d keys of the file are not in this network (ignored), e.g. %s",
                             len(extra), extra[0])
         if not self.s.run.blocks_to_swap:
-            self.transformer.to(self.device)
-        if self.train_clip:
-            self.clip_l.to(self.device)
+            models.transformer.to(device)
+        if models.train_clip:
+            models.clip_l.to(device)
         self.setup_block_swap()  # with swapping, only the blocks that stay resident go to the device
         if self.s.run.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-            if self.train_clip:
-                self.clip_l.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                self.clip_l.train()  # transformers checkpoints only in train mode; CLIP-L has no dropout
-        self.network.to(self.device)
+            models.transformer.enable_gradient_checkpointing()
+            if models.train_clip:
+                models.clip_l.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                models.clip_l.train()  # transformers checkpoints only in train mode; CLIP-L has no dropout
+        network.to(device)
+        self.session.opt = Optimization(network=network, optimizer=None, lr_scheduler=None, trainable_params=[],
+                                        optimizer_name="", base_metadata={})
 
     def setup_block_swap(self) -> None:
-        self.block_swapper = None
         if not self.s.run.blocks_to_swap:
             return
         from library.offloading import BlockSwapper
 
+        models = self.session.models
         print(f"enable block swap: blocks_to_swap={self.s.run.blocks_to_swap}")
-        self.block_swapper = BlockSwapper(
-            self.transformer, self.s.run.blocks_to_swap, self.device, timeout=self.s.guards.block_swap_timeout,
-            on_timeout=lambda detail: self.guards.fire("block_swap", detail))
-        self.block_swapper.move_to_device_except_swapped()
+        models.block_swapper = BlockSwapper(
+            models.transformer, self.s.run.blocks_to_swap, self.session.device,
+            timeout=self.s.guards.block_swap_timeout,
+            on_timeout=lambda detail: self.control.guards.fire("block_swap", detail))
+        models.block_swapper.move_to_device_except_swapped()
         if not self.s.run.gradient_checkpointing:
             log.warning("--blocks_to_swap saves little memory without --gradient_checkpointing: autograd keeps "
                         "each block's weights alive until backward")
@@ -321,144 +310,43 @@ class FluxLoRATrainer:
         from library import optim
 
         print("prepare optimizer, data loader etc.")
-        opt = self.s.optimizer
-        groups = self.network.prepare_optimizer_params(opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
-        self.optimizer = optim.create_optimizer(opt, groups)
-        self.optimizer_name = optim.describe_optimizer(self.optimizer, opt)
-        print(f"use {self.optimizer_name} optimizer | {opt.args}")
-        self.lr_scheduler = optim.create_scheduler(opt, self.optimizer, self.max_train_steps,
-                                                   self.accelerator.num_processes)
-        self.network, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            self.network, self.optimizer, self.lr_scheduler)
-        self.trainable_params = [p for p in self.accelerator.unwrap_model(self.network).parameters()
-                                 if p.requires_grad]
-        self.base_metadata = metadata.build_training_metadata(
-            self.s, optimizer_name=self.optimizer_name, num_train_images=self.dataset.num_train_images,
-            num_batches_per_epoch=self.batches_per_epoch, num_epochs=self.num_epochs,
-            max_train_steps=self.max_train_steps, is_schnell=self.model_info.is_schnell,
-            datasets=self.describe_datasets(), repo_dir=REPO_DIR, items=self.dataset.items,
-            legacy_model_hash=self.model_hasher.legacy)
+        session, opt, data = self.session, self.s.optimizer, self.session.data
+        network = session.opt.network
+        groups = network.prepare_optimizer_params(opt.text_encoder_lr, opt.unet_lr, opt.learning_rate)
+        optimizer = optim.create_optimizer(opt, groups)
+        optimizer_name = optim.describe_optimizer(optimizer, opt)
+        print(f"use {optimizer_name} optimizer | {opt.args}")
+        lr_scheduler = optim.create_scheduler(opt, optimizer, data.max_train_steps, session.world)
+        network, optimizer, lr_scheduler = session.accelerator.prepare(network, optimizer, lr_scheduler)
+        trainable = [p for p in session.accelerator.unwrap_model(network).parameters() if p.requires_grad]
+        base_metadata = metadata.build_training_metadata(
+            self.s, optimizer_name=optimizer_name, num_train_images=data.dataset.num_train_images,
+            num_batches_per_epoch=data.batches_per_epoch, num_epochs=data.num_epochs,
+            max_train_steps=data.max_train_steps, is_schnell=session.models.info.is_schnell,
+            datasets=self.describe_datasets(), repo_dir=REPO_DIR, items=data.dataset.items,
+            legacy_model_hash=session.models.hasher.legacy)
+        session.opt = Optimization(network=network, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                   trainable_params=trainable, optimizer_name=optimizer_name,
+                                   base_metadata=base_metadata)
 
     def describe_datasets(self) -> list[dict]:
         result = []
-        for bp in self.blueprints:
+        for bp in self.session.data.blueprints:
             result.append({"resolution": list(bp.resolution), "batch_size_per_device": bp.batch_size,
                            "enable_bucket": bp.enable_bucket,
                            "subsets": [{"image_dir": Path(sub.image_dir).name, "num_repeats": sub.num_repeats,
                                         "class_tokens": sub.class_tokens} for sub in bp.subsets]})
         return result
 
-    def resume_if_requested(self) -> None:
-        target = self.s.save.resume
-        if not target:
-            return
-        out = self.s.save.output_dir
-        if target != "auto":
-            path = Path(target)
-            if not path.is_dir():
-                raise SettingsError(f"--resume {target}: not a state folder (expected NAME-...-state). "
-                                    f"List candidates with: python tools/find_checkpoint.py {out} --list")
-            self.restore_state(checkpoint_io.load_state_folder(path, accelerator=self.accelerator,
-                                                               resume_settings=self.s.resume_settings()))
-            return
-        # --resume auto: newest valid state by step; one that fails to load falls back to the next older.
-        for candidate in checkpoint_validation.iter_valid_states(out, self.s.save.output_name):
-            try:
-                info = checkpoint_io.load_state_folder(candidate.path, accelerator=self.accelerator,
-                                                       resume_settings=self.s.resume_settings())
-            except checkpoint_io.CheckpointLoadError as exc:
-                log.warning("--resume auto: skipping %s: %s", candidate.path, exc)
-                continue
-            self.restore_state(info)
-            return
-        print(f"--resume auto: no valid state folder in {out}; starting from scratch")
-
-    def restore_state(self, info) -> None:
-        for warning in info.warnings:
-            log.warning("resume: %s", warning)
-        self.pos.step = info.step
-        position = info.data_position or {}
-        if "epoch" in position:
-            self.pos.epoch = int(position["epoch"])
-            self.pos.batch_in_epoch = int(position.get("batch_in_epoch", 0))
-        else:  # an upstream-made state: derive the cursor from the absolute step
-            self.pos.epoch, self.pos.batch_in_epoch = divmod(info.step, self.batches_per_epoch)
-        if self.pos.batch_in_epoch >= self.batches_per_epoch:
-            self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
-        print(f"resumed from {info.path}: step {self.pos.step}, epoch {self.pos.epoch + 1}, "
-              f"batch {self.pos.batch_in_epoch} of {self.batches_per_epoch}")
-        self.heartbeat.checkpoint(str(info.path))
-
-    def record_loss(self, loss: float) -> None:
-        if self.loss_log is not None:
-            # repr() keeps every bit of the float, so runs can be compared exactly.
-            self.loss_log.write(f"{self.pos.step},{loss!r}\n")
-            self.loss_log.flush()
-
-    # ------------------------------------------------------------------ saving
-    def lora_tensors(self) -> dict[str, torch.Tensor]:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(
-            self.s.save.save_precision or "", None)
-        return self.accelerator.unwrap_model(self.network).kohya_state_dict(dtype)
-
-    def save_checkpoint(self, *, kind: str, with_state: bool) -> None:
-        """Write the LoRA file (and state folder) for this point of the run: kind epoch|step|last."""
-        self.barrier()
-        if not self.is_main:
-            return
-        name, out = self.s.save.output_name, self.s.save.output_dir
-        previous_phase = self.phase
-        self.set_phase("saving", f"saving {kind} checkpoint")
-        # FIX: saving had no bound (a stuck disk or network share froze the run); saves are atomic, so ending
-        # the run on --save_timeout leaves the previous checkpoint intact.
-        with self.guards.deadline("save", self.s.guards.save_timeout):
-            # The names come from the module discovery uses, so what is written is what resume finds.
-            number = {"epoch": {"epoch": self.pos.epoch}, "step": {"step": self.pos.step}}.get(kind, {})
-            file_name = checkpoint_validation.lora_file_name(name, **number)
-            state_name = checkpoint_validation.state_dir_name(name, **number)
-            if with_state:
-                self.write_state(out / state_name, kind)
-            meta = metadata.metadata_for_save(self.base_metadata, step=self.pos.step, epoch=self.completed_epochs(),
-                                              model_hash=self.model_hasher.value, minimal=self.s.save.no_metadata)
-            print(console_markers.SAVING_CHECKPOINT.format(path=out / file_name))
-            checkpoint_io.save_lora_file(out / file_name, self.lora_tensors(), meta)
-            self.rotate()
-        self.set_phase(previous_phase if previous_phase != "saving" else "training")
-
-    def completed_epochs(self) -> int:
-        return self.pos.epoch if self.pos.batch_in_epoch < self.batches_per_epoch else self.pos.epoch + 1
-
-    def upstream_current_epoch(self) -> int:
-        """train_state.json's current_epoch: the 1-based epoch in progress (the finished one at an epoch end)."""
-        if self.pos.batch_in_epoch == 0 and self.pos.epoch > 0:
-            return self.pos.epoch
-        return self.pos.epoch + 1
-
-    def write_state(self, final_dir: Path, kind: str) -> None:
-        what = f"step {self.pos.step}" if kind == "step" else f"epoch {self.pos.epoch}"
-        print(console_markers.SAVING_STATE.format(what=what))
-        checkpoint_io.save_state_folder(
-            final_dir, accelerator=self.accelerator, output_name=self.s.save.output_name, step=self.pos.step,
-            epoch=self.completed_epochs(),
-            data_position={"epoch": self.pos.epoch, "batch_in_epoch": self.pos.batch_in_epoch},
-            resume_settings=self.s.resume_settings(), args_digest=self.s.args_digest(),
-            current_epoch_1based=self.upstream_current_epoch())
-        self.heartbeat.checkpoint(str(final_dir))
-
-    def rotate(self) -> None:
-        save = self.s.save
-        checkpoint_io.rotate(save.output_dir, save.output_name, last_n_epochs=save.last_n_epochs,
-                             last_n_epochs_state=save.last_n_epochs_state or save.last_n_epochs,
-                             last_n_steps=save.last_n_steps, last_n_steps_state=save.last_n_steps_state)
-
     def save_final(self) -> None:
+        session = self.session
         with_state = self.s.save.save_state or self.s.save.save_state_on_train_end
-        if with_state and self.is_main:
+        if with_state and session.is_main:
             print(console_markers.SAVING_LAST_STATE)
-        self.save_checkpoint(kind="last", with_state=with_state)
-        if self.block_swapper is not None:
-            self.block_swapper.close()
-        self.accelerator.end_training()
-        if self.is_main:
+        self.checkpointer.save(kind="last", with_state=with_state)
+        if session.models.block_swapper is not None:
+            session.models.block_swapper.close()
+        session.accelerator.end_training()
+        if session.is_main:
             print(console_markers.MODEL_SAVED)
         sys.stdout.flush()

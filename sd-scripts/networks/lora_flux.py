@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from library import flux_convert
+from library.errors import BadFileError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _UPSTREAM_ONLY_ARGS = (
 _NOOP_VALUES = {"", "none", "false", "0", "0.0", "all"}
 
 
-class LoRAWeightsError(ValueError):
+class LoRAWeightsError(BadFileError):
     """A LoRA weights file does not fit the network (missing/extra/mis-shaped key)."""
 
 

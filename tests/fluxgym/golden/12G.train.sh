@@ -15,7 +15,7 @@ elif [ -x <REPO>/.venv/bin/python ]; then PY=<REPO>/.venv/bin/python
 elif command -v python3 >/dev/null 2>&1; then PY=python3
 else PY=python
 fi
-# exec: the trainer replaces this shell, so its exit code is the script's and signals reach it.
+# exec: the launcher replaces this shell, so signals reach it and its exit code is the script's; the trainer stops when its launcher ends.
 exec "$PY" \
     -m accelerate.commands.launch \
     --mixed_precision bf16 \
