@@ -19,6 +19,10 @@ def setup_parser() -> argparse.ArgumentParser:
     flags.add_training_arguments(parser)
     flags.add_optimizer_arguments(parser)
     flags.add_network_arguments(parser)
+    flags.add_logging_arguments(parser)
+    flags.add_validation_arguments(parser)
+    flags.add_precision_arguments(parser)
+    flags.add_continuation_arguments(parser)
     return parser
 
 

@@ -106,6 +106,7 @@ def save_state_folder(
     args_digest: str,
     current_epoch_1based: int,
     ops: atomic_io.FsOps | None = None,
+    validation: dict | None = None,
 ) -> Path:
     """Write an upstream-layout state folder under a temp name and publish it complete (manifest last)."""
     final_dir = Path(final_dir)
@@ -126,6 +127,7 @@ def save_state_folder(
                 "args_digest": args_digest,
                 "resume_settings": _jsonable(resume_settings),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **({"validation": validation} if validation else {}),  # library.validation.checkpoint_record
             }
         )
     return final_dir

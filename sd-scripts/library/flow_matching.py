@@ -77,6 +77,13 @@ def sample_noised(latents: torch.Tensor, noise: torch.Tensor, flow, generator: t
     return NoisedBatch(noisy=noisy.to(latents.dtype), timesteps=sigmas.view(-1) * NUM_TRAIN_TIMESTEPS, sigmas=sigmas)
 
 
+def noised_at(latents: torch.Tensor, noise: torch.Tensor, sigma: float) -> NoisedBatch:
+    """The batch noised at one fixed sigma (validation): x_t = (1 - s) x0 + s n, timestep = s * 1000."""
+    sigmas = torch.full((latents.shape[0], 1, 1, 1), float(sigma), device=latents.device, dtype=torch.float32)
+    noisy = (1.0 - sigmas) * latents.float() + sigmas * noise.float()
+    return NoisedBatch(noisy=noisy.to(latents.dtype), timesteps=sigmas.view(-1) * NUM_TRAIN_TIMESTEPS, sigmas=sigmas)
+
+
 def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor | None:
     if scheme == "sigma_sqrt":
         return (sigmas ** -2.0).float()

@@ -78,6 +78,10 @@ class OptimizerSettings:
     num_cycles: int
     power: float
     max_grad_norm: float
+    scheduler_type: str = ""  # --lr_scheduler_type: a torch (or dotted) scheduler class, overrides `scheduler`
+    scheduler_args: dict = field(default_factory=dict)
+    timescale: int | None = None
+    min_lr_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,58 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class TrackingSettings:
+    """--logging_dir/--log_with and friends (library.tracking)."""
+
+    log_with: tuple[str, ...] = ()  # "tensorboard" and/or "wandb"; empty: no tracker
+    logging_dir: str | None = None
+    log_prefix: str = ""
+    tracker_name: str = "network_train"
+    wandb_run_name: str | None = None
+    tracker_config: dict = field(default_factory=dict)  # --log_tracker_config, per tracker
+    wandb_api_key: str | None = None
+    log_config: bool = False
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """--validation_split and friends (library.validation)."""
+
+    split: float = 0.0
+    seed: int = 42
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    max_steps: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.split > 0
+
+
+@dataclass(frozen=True)
+class PrecisionSettings:
+    """--full_bf16/--full_fp16, activation offload and torch.compile (library.precision)."""
+
+    full_bf16: bool = False
+    full_fp16: bool = False
+    cpu_offload_checkpointing: bool = False
+    torch_compile: bool = False
+    dynamo_backend: str = "inductor"
+
+
+@dataclass(frozen=True)
+class ContinuationSettings:
+    """Upstream's manual restart and base-weight flags (library.continuation)."""
+
+    initial_step: int | None = None
+    initial_epoch: int | None = None
+    skip_until_initial_step: bool = False
+    base_weights: tuple[str, ...] = ()
+    base_weights_multipliers: tuple[float, ...] = ()
+    save_n_epoch_ratio: int | None = None
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     model: ModelSettings
     data: DataSettings
@@ -159,6 +215,10 @@ class TrainSettings:
     guards: GuardSettings
     run: RunSettings
     raw: dict  # the parsed namespace as a dict, for ss_* metadata
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    precision: PrecisionSettings = field(default_factory=PrecisionSettings)
+    continuation: ContinuationSettings = field(default_factory=ContinuationSettings)
 
     def resume_settings(self) -> dict:
         """Settings a resumed run must share with the run that wrote the state."""
@@ -255,13 +315,16 @@ def _data(ns: argparse.Namespace) -> DataSettings:
         num_workers=max(0, ns.max_data_loader_n_workers), persistent_workers=ns.persistent_data_loader_workers)
 
 
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-              "adafactor")
+              "adafactor", "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
 
 
 def _check_optimizer(ns: argparse.Namespace) -> None:
     """Fail before any model loads: a typo here used to surface only after minutes of loading and caching."""
+    from library.advanced_settings import optimizer_type_from_shortcuts
+
+    ns.optimizer_type = optimizer_type_from_shortcuts(ns)
     kind = (ns.optimizer_type or "adamw").lower()
     if kind not in OPTIMIZERS and "." not in kind:
         raise SettingsError(f"--optimizer_type {ns.optimizer_type}: not supported by this trainer "
@@ -271,6 +334,12 @@ def _check_optimizer(ns: argparse.Namespace) -> None:
                             f"(use one of {', '.join(SCHEDULERS)})")
     if ns.lr_scheduler == "adafactor" and kind != "adafactor":
         raise SettingsError("--lr_scheduler adafactor needs --optimizer_type Adafactor")
+    if kind == "lion":
+        try:
+            import lion_pytorch  # noqa: F401
+        except ImportError as exc:
+            raise SettingsError("--optimizer_type Lion / --use_lion_optimizer needs the lion-pytorch package "
+                                "(pip install lion-pytorch)") from exc
 
 
 def _check_network_args(args: dict) -> None:
@@ -288,7 +357,9 @@ def _optimizer(ns: argparse.Namespace) -> OptimizerSettings:
         type=ns.optimizer_type or "AdamW", learning_rate=ns.learning_rate, unet_lr=ns.unet_lr, text_encoder_lr=te_lr,
         args=parse_key_values(ns.optimizer_args, "--optimizer_args", literal=True), scheduler=ns.lr_scheduler,
         warmup_steps=ns.lr_warmup_steps, decay_steps=ns.lr_decay_steps, num_cycles=ns.lr_scheduler_num_cycles,
-        power=ns.lr_scheduler_power, max_grad_norm=ns.max_grad_norm)
+        power=ns.lr_scheduler_power, max_grad_norm=ns.max_grad_norm, scheduler_type=ns.lr_scheduler_type or "",
+        scheduler_args=parse_key_values(ns.lr_scheduler_args, "--lr_scheduler_args", literal=True),
+        timescale=ns.lr_scheduler_timescale, min_lr_ratio=ns.lr_scheduler_min_lr_ratio)
 
 
 def _save(ns: argparse.Namespace) -> SaveSettings:
@@ -329,7 +400,10 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
     _check_optimizer(ns)
     network_args = parse_key_values(ns.network_args, "--network_args", literal=False)
     _check_network_args(network_args)
-    dim = ns.network_dim if ns.network_dim is not None else 4
+    from library import advanced_settings
+
+    extra = advanced_settings.advanced_settings_from_args(ns)  # logging, validation, precision, continuation
+    dim, alpha = advanced_settings.network_dim_alpha(ns)
     model = ModelSettings(
         dit_path=_require(ns, "pretrained_model_name_or_path", "the FLUX DiT (flux1-dev.sft or a diffusers folder)"),
         clip_l_path=_require(ns, "clip_l", "CLIP-L weights (clip_l.safetensors)"),
@@ -354,10 +428,10 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
         seed=seed, mixed_precision=ns.mixed_precision, gradient_checkpointing=ns.gradient_checkpointing,
         max_train_steps=ns.max_train_steps, max_train_epochs=ns.max_train_epochs,
         blocks_to_swap=_blocks_to_swap(ns), batch_size=ns.train_batch_size)
-    network = NetworkSettings(module="networks.lora_flux", dim=dim, alpha=ns.network_alpha, args=network_args,
+    network = NetworkSettings(module="networks.lora_flux", dim=dim, alpha=alpha, args=network_args,
                               train_unet_only=ns.network_train_unet_only, weights=ns.network_weights)
     return TrainSettings(model=model, data=_data(ns), network=network, optimizer=_optimizer(ns), flow=flow,
-                         save=_save(ns), sample=_sample(ns), guards=guards, run=run, raw=dict(vars(ns)))
+                         save=_save(ns), sample=_sample(ns), guards=guards, run=run, raw=dict(vars(ns)), **extra)
 
 
 def total_steps(max_train_steps: int, max_train_epochs: int | None, batches_per_epoch: int) -> tuple[int, int]:

@@ -107,33 +107,14 @@ def attention_mask(trainer, t5_mask: torch.Tensor, image_tokens: int) -> dict | 
 
 
 def training_step(trainer, batch: dict) -> float:
-    from library.flux_packing import image_ids, pack_latents, unpack_latents
-
     inject_point("step")
     s, device, dtype = trainer.s, trainer.device, trainer.weight_dtype
     latents = batch["latents"].to(device, dtype)
-    b, _, h, w = latents.shape
     generator = torch.Generator().manual_seed(s.run.seed * STEP_SEED_STRIDE + trainer.pos.step
                                               + trainer.accelerator.process_index * 7919)
     noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
     noised = sample_noised(latents, noise, s.flow, generator)
-    cond = text_conditioning(trainer, batch)
-    packed = pack_latents(noised.noisy)
-    img_ids = image_ids(h, w, b, device, dtype)
-    guidance = None
-    if trainer.transformer.config.guidance_embeds:
-        guidance = torch.full((b,), s.flow.guidance_scale, device=device, dtype=torch.float32)
-    if trainer.block_swapper is not None:
-        trainer.block_swapper.prepare_block_devices_before_forward()
-    with trainer.accelerator.autocast():
-        pred = trainer.transformer(
-            hidden_states=packed, encoder_hidden_states=cond["t5_out"], pooled_projections=cond["l_pooled"],
-            timestep=(noised.timesteps / 1000).to(device, dtype), img_ids=img_ids, txt_ids=cond["txt_ids"][0],
-            guidance=guidance, joint_attention_kwargs=attention_mask(trainer, cond["t5_attn_mask"], packed.shape[1]),
-            return_dict=False)[0]
-    pred = unpack_latents(pred.float(), h, w)
-    pred, weighting = apply_prediction_type(pred, noised, s.flow)
-    loss = flow_loss(pred, (noise - latents).float(), s.flow.loss_type, weighting)
+    loss = flow_matching_loss(trainer, batch, latents, noise, noised)
     trainer.accelerator.backward(loss)
     sync_gradients(trainer)
     if s.optimizer.max_grad_norm:
@@ -142,6 +123,32 @@ def training_step(trainer, batch: dict) -> float:
     trainer.lr_scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     return loss.detach().item()
+
+
+def flow_matching_loss(trainer, batch: dict, latents: torch.Tensor, noise: torch.Tensor, noised) -> torch.Tensor:
+    """The transformer's loss on one noised batch (shared by training steps and validation passes)."""
+    from library.flux_packing import image_ids, pack_latents, unpack_latents
+    from library.precision import activation_offload
+
+    s, device, dtype = trainer.s, trainer.device, trainer.weight_dtype
+    b, _, h, w = latents.shape
+    cond = text_conditioning(trainer, batch)
+    packed = pack_latents(noised.noisy)
+    img_ids = image_ids(h, w, b, device, dtype)
+    guidance = None
+    if trainer.transformer.config.guidance_embeds:
+        guidance = torch.full((b,), s.flow.guidance_scale, device=device, dtype=torch.float32)
+    if trainer.block_swapper is not None:
+        trainer.block_swapper.prepare_block_devices_before_forward()
+    with trainer.accelerator.autocast(), activation_offload(trainer):
+        pred = trainer.transformer(
+            hidden_states=packed, encoder_hidden_states=cond["t5_out"], pooled_projections=cond["l_pooled"],
+            timestep=(noised.timesteps / 1000).to(device, dtype), img_ids=img_ids, txt_ids=cond["txt_ids"][0],
+            guidance=guidance, joint_attention_kwargs=attention_mask(trainer, cond["t5_attn_mask"], packed.shape[1]),
+            return_dict=False)[0]
+    pred = unpack_latents(pred.float(), h, w)
+    pred, weighting = apply_prediction_type(pred, noised, s.flow)
+    return flow_loss(pred, (noise - latents).float(), s.flow.loss_type, weighting)
 
 
 def sync_gradients(trainer) -> None:
@@ -265,6 +272,7 @@ def simulate_crash_if_requested(step: int) -> None:
 def after_step(trainer) -> None:
     s, pos = trainer.s, trainer.pos
     maybe_sample(trainer, at_epoch_end=False)
+    trainer.validator.maybe_validate(trainer, at_epoch_end=False)
     if s.save.every_n_steps and pos.step % s.save.every_n_steps == 0:
         trainer.save_checkpoint(kind="step", with_state=s.save.save_state)
 
@@ -274,6 +282,8 @@ def end_epoch(trainer) -> None:
     pos.epoch += 1
     pos.batch_in_epoch = 0
     trainer.barrier()
+    trainer.validator.maybe_validate(trainer, at_epoch_end=True)
+    trainer.tracker.log_epoch_end(trainer)
     every = s.save.every_n_epochs
     if every and pos.epoch % every == 0 and pos.epoch < trainer.num_epochs:
         trainer.save_checkpoint(kind="epoch", with_state=s.save.save_state)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from library import checkpoint_io, checkpoint_validation, metadata
+from library import checkpoint_io, checkpoint_validation, continuation, metadata, precision, validation
 from library.heartbeat import Heartbeat
 from library.hang_guards import HINTS, HangGuards
 from library.settings import SettingsError, TrainSettings, total_steps
@@ -57,6 +57,8 @@ class FluxLoRATrainer:
         self.pos = TrainingPosition()
         self.phase = "loading"
         self.sample_embeds: dict = {}
+        self.val_dataset = None
+        self.start_tracking(enabled=False)
 
     # ------------------------------------------------------------------ table of contents
     def train(self) -> int:
@@ -71,6 +73,8 @@ class FluxLoRATrainer:
             self.create_network()
             self.create_optimizer()
             self.resume_if_requested()
+            continuation.apply_initial_position(self)
+            self.start_tracking()
             from library.train_loop import run_training_loop
 
             run_training_loop(self)
@@ -84,11 +88,21 @@ class FluxLoRATrainer:
             self.heartbeat.failed(f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            self.tracker.close()
             self.guards.close()
         self.heartbeat.done()
         return 0
 
     # ------------------------------------------------------------------ phases
+    def start_tracking(self, enabled: bool = True) -> None:
+        """The loss trackers (--logging_dir/--log_with) and the validation runner (--validation_split)."""
+        from library.tracking import Tracker
+        from library.validation import Validator
+
+        self.tracker = Tracker(self.s.tracking, is_main=enabled and self.is_main,
+                               raw_flags=self.s.raw)
+        self.validator = Validator(self, self.val_dataset if enabled else None)
+
     def prepare_output_dir(self) -> None:
         out = self.s.save.output_dir
         out.mkdir(parents=True, exist_ok=True)
@@ -161,12 +175,14 @@ class FluxLoRATrainer:
             blueprints = dataset_config.blueprints_from_train_data_dir(data.train_data_dir, cli=data.cli_fallbacks)
         self.blueprints = blueprints
         self.dataset = dataset.build_dataset(blueprints, seed=self.s.run.seed)
+        self.dataset, self.val_dataset = validation.split_dataset(self.dataset, self.s.validation)
         world = self.accelerator.num_processes
         self.batches_per_epoch = -(-self.dataset.num_batches_per_epoch // world)
         self.max_train_steps, self.num_epochs = total_steps(self.s.run.max_train_steps, self.s.run.max_train_epochs,
                                                             self.batches_per_epoch)
         if self.s.run.max_train_epochs and self.is_main:
             print(f"override steps. steps for {self.num_epochs} epochs is: {self.max_train_steps}")
+        continuation.plan_run(self)
 
     def load_models(self) -> None:
         from library import flux_loading
@@ -281,6 +297,7 @@ class FluxLoRATrainer:
         self.set_phase("loading", "creating the LoRA network")
         print(f"create LoRA network. base dim (rank): {net.dim}, alpha: {net.alpha}")
         clip = self.clip_l if self.train_clip else None
+        continuation.merge_base_weights(self)
         self.network = lora_flux.create_network(1.0, net.dim, net.alpha, self.ae, [clip, None], self.transformer,
                                                 **net.args)
         self.network.apply_to([clip, None], self.transformer, apply_text_encoder=self.train_clip, apply_unet=True)
@@ -305,6 +322,7 @@ class FluxLoRATrainer:
                 self.clip_l.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 self.clip_l.train()  # transformers checkpoints only in train mode; CLIP-L has no dropout
         self.network.to(self.device)
+        precision.prepare_network(self)
 
     def setup_block_swap(self) -> None:
         self.block_swapper = None
@@ -394,6 +412,7 @@ class FluxLoRATrainer:
         self.heartbeat.checkpoint(str(info.path))
 
     def record_loss(self, loss: float) -> None:
+        self.tracker.log_step(self, loss)
         if self.loss_log is not None:
             # repr() keeps every bit of the float, so runs can be compared exactly.
             self.loss_log.write(f"{self.pos.step},{loss!r}\n")
@@ -411,6 +430,8 @@ class FluxLoRATrainer:
         if not self.is_main:
             return
         name, out = self.s.save.output_name, self.s.save.output_dir
+        record = self.validator.checkpoint_record(self)  # the validation loss at this step, if any
+        self.tracker.flush()
         previous_phase = self.phase
         self.set_phase("saving", f"saving {kind} checkpoint")
         # FIX: saving had no bound (a stuck disk or network share froze the run); saves are atomic, so ending
@@ -421,9 +442,10 @@ class FluxLoRATrainer:
             file_name = checkpoint_validation.lora_file_name(name, **number)
             state_name = checkpoint_validation.state_dir_name(name, **number)
             if with_state:
-                self.write_state(out / state_name, kind)
+                self.write_state(out / state_name, kind, record)
             meta = metadata.metadata_for_save(self.base_metadata, step=self.pos.step, epoch=self.completed_epochs(),
                                               model_hash=self.model_hasher.value, minimal=self.s.save.no_metadata)
+            meta.update(validation.lora_metadata(record))
             print(f"saving checkpoint: {out / file_name}")
             checkpoint_io.save_lora_file(out / file_name, self.lora_tensors(), meta)
             self.rotate()
@@ -438,14 +460,14 @@ class FluxLoRATrainer:
             return self.pos.epoch
         return self.pos.epoch + 1
 
-    def write_state(self, final_dir: Path, kind: str) -> None:
+    def write_state(self, final_dir: Path, kind: str, validation_record: dict | None = None) -> None:
         print(f"saving state at {'step ' + str(self.pos.step) if kind == 'step' else 'epoch ' + str(self.pos.epoch)}")
         checkpoint_io.save_state_folder(
             final_dir, accelerator=self.accelerator, output_name=self.s.save.output_name, step=self.pos.step,
             epoch=self.completed_epochs(),
             data_position={"epoch": self.pos.epoch, "batch_in_epoch": self.pos.batch_in_epoch},
             resume_settings=self.s.resume_settings(), args_digest=self.s.args_digest(),
-            current_epoch_1based=self.upstream_current_epoch())
+            current_epoch_1based=self.upstream_current_epoch(), validation=validation_record)
         self.heartbeat.checkpoint(str(final_dir))
 
     def rotate(self) -> None:
