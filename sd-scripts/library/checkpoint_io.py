@@ -106,7 +106,7 @@ def save_state_folder(
     args_digest: str,
     current_epoch_1based: int,
     ops: atomic_io.FsOps | None = None,
-    validation: dict | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Write an upstream-layout state folder under a temp name and publish it complete (manifest last)."""
     final_dir = Path(final_dir)
@@ -127,7 +127,8 @@ def save_state_folder(
                 "args_digest": args_digest,
                 "resume_settings": _jsonable(resume_settings),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                **({"validation": validation} if validation else {}),  # library.validation.checkpoint_record
+                # what other modules record with a state (validation loss, tracker loss window); never core keys
+                **{k: v for k, v in (extra or {}).items() if v},
             }
         )
     return final_dir

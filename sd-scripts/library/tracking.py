@@ -39,6 +39,20 @@ class LossRecorder:
     def moving_average(self) -> float:
         return self.total / max(1, len(self.losses))
 
+    def state(self) -> dict:
+        """Saved in a state folder's manifest, so a resumed run continues the same average."""
+        return {"losses": list(self.losses), "total": self.total}
+
+    def restore_from_state(self, state_dir: Path) -> None:
+        from library.checkpoint_validation import read_manifest
+
+        try:
+            saved = read_manifest(state_dir).get("loss_recorder") or {}
+        except (OSError, ValueError):
+            return  # an upstream-made state: start the average afresh, as upstream does
+        if saved:
+            self.losses, self.total = [float(x) for x in saved["losses"]], float(saved["total"])
+
 
 def sanitized_config(raw: dict) -> dict:
     """--log_config: the flags as plain scalars (lists as strings), secrets left out."""

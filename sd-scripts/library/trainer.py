@@ -58,6 +58,7 @@ class FluxLoRATrainer:
         self.phase = "loading"
         self.sample_embeds: dict = {}
         self.val_dataset = None
+        self.resumed_state: Path | None = None
         self.start_tracking(enabled=False)
 
     # ------------------------------------------------------------------ table of contents
@@ -102,6 +103,8 @@ class FluxLoRATrainer:
         self.tracker = Tracker(self.s.tracking, is_main=enabled and self.is_main,
                                raw_flags=self.s.raw)
         self.validator = Validator(self, self.val_dataset if enabled else None)
+        if enabled and self.resumed_state is not None:  # loss/average continues where the state left it
+            self.tracker.recorder.restore_from_state(self.resumed_state)
 
     def prepare_output_dir(self) -> None:
         out = self.s.save.output_dir
@@ -410,6 +413,7 @@ class FluxLoRATrainer:
         print(f"resumed from {info.path}: step {self.pos.step}, epoch {self.pos.epoch + 1}, "
               f"batch {self.pos.batch_in_epoch} of {self.batches_per_epoch}")
         self.heartbeat.checkpoint(str(info.path))
+        self.resumed_state = info.path
 
     def record_loss(self, loss: float) -> None:
         self.tracker.log_step(self, loss)
@@ -467,7 +471,8 @@ class FluxLoRATrainer:
             epoch=self.completed_epochs(),
             data_position={"epoch": self.pos.epoch, "batch_in_epoch": self.pos.batch_in_epoch},
             resume_settings=self.s.resume_settings(), args_digest=self.s.args_digest(),
-            current_epoch_1based=self.upstream_current_epoch(), validation=validation_record)
+            current_epoch_1based=self.upstream_current_epoch(),
+            extra={"validation": validation_record, "loss_recorder": self.tracker.recorder.state()})
         self.heartbeat.checkpoint(str(final_dir))
 
     def rotate(self) -> None:
