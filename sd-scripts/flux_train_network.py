@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # FIX: never wait on a hub download mid-run
+    if not settings.hub.online:  # uploads (--huggingface_repo_id) need the Hub; nothing else downloads
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # FIX: never wait on a hub download mid-run
     from library.trainer import FluxLoRATrainer
 
     try:

@@ -23,6 +23,9 @@ def setup_parser() -> argparse.ArgumentParser:
     flags.add_validation_arguments(parser)
     flags.add_precision_arguments(parser)
     flags.add_continuation_arguments(parser)
+    flags.add_caption_arguments(parser)
+    flags.add_regularisation_arguments(parser)
+    flags.add_hub_arguments(parser)
     return parser
 
 

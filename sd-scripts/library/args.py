@@ -13,8 +13,8 @@ UNSUPPORTED_MESSAGE = "not supported by this trainer: {flag} ({reason})"
 
 _SD_ONLY = "SD1/SDXL only; FLUX does not use it"
 _SD_NOISE = "SD1/SDXL noise schedule option; FLUX flow matching does not use it"
-_PART_B = "not implemented yet (planned: captions, regularisation and data options)"
-_HUB = "Hugging Face upload/download is not implemented yet (planned)"
+_PER_STEP_PIXELS = ("a per-step image augmentation: it needs the autoencoder every step, and this trainer always "
+                    "caches latents (upstream refuses it with --cache_latents too); use flip_aug")
 _DEEPSPEED = "DeepSpeed/ZeRO is not available here; for memory use --blocks_to_swap, --fp8_base or --full_bf16"
 _CONTROLNET = "ControlNet training, not LoRA; use upstream's flux_train_control_net.py"
 
@@ -44,18 +44,8 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--network_train_text_encoder_only": "not implemented; FLUX LoRA trains the transformer (and CLIP-L)",
     "--model_type": "Chroma: this trainer trains FLUX.1 dev/schnell only",
     "--bypass_flux_guidance": "Chroma only; not used by FLUX.1 LoRA",
-    # planned (issue 14, second part)
-    **{flag: _PART_B for flag in (
-        "--reg_data_dir", "--dataset_repeats", "--shuffle_caption", "--caption_separator", "--keep_tokens_separator",
-        "--secondary_separator", "--enable_wildcard", "--color_aug", "--face_crop_aug_range", "--random_crop",
-        "--alpha_mask", "--caption_dropout_rate", "--caption_dropout_every_n_epochs", "--caption_tag_dropout_rate",
-        "--noise_offset", "--noise_offset_random_strength", "--ip_noise_gamma", "--ip_noise_gamma_random_strength",
-        "--min_timestep", "--max_timestep", "--huber_schedule", "--huber_c", "--huber_scale", "--prior_loss_weight",
-        "--masked_loss", "--network_dropout", "--scale_weight_norms", "--resize_interpolation")},
-    **{flag: _HUB for flag in (
-        "--huggingface_repo_id", "--huggingface_repo_type", "--huggingface_path_in_repo", "--huggingface_token",
-        "--huggingface_repo_visibility", "--save_state_to_huggingface", "--resume_from_huggingface",
-        "--async_upload")},
+    # augmentations that change the pixels every step: they need the VAE per step, and latents are always cached here
+    "--random_crop": _PER_STEP_PIXELS, "--color_aug": _PER_STEP_PIXELS, "--face_crop_aug_range": _PER_STEP_PIXELS,
 }
 
 DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
@@ -249,6 +239,71 @@ def add_continuation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--use_lion_optimizer", action="store_true", help="same as --optimizer_type Lion")
     group.add_argument("--save_n_epoch_ratio", type=int, default=None,
                        help="save about this many epoch checkpoints in all (overrides --save_every_n_epochs)")
+
+
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+
+
+def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream's caption options (library.captions); dataset.toml keys of the same names win over them."""
+    group = parser.add_argument_group("captions")
+    group.add_argument("--shuffle_caption", action="store_true", help="shuffle the comma-separated tags each step")
+    group.add_argument("--caption_separator", type=str, default=",", help="tag separator (default ,)")
+    group.add_argument("--keep_tokens_separator", type=str, default="",
+                       help="tags before it (and after a second one) stay fixed when shuffling, e.g. |||")
+    group.add_argument("--secondary_separator", type=str, default=None,
+                       help="a separator that keeps tags together while shuffling; becomes caption_separator")
+    group.add_argument("--enable_wildcard", action="store_true",
+                       help="{a|b|c} picks one per step; a multi-line caption file gives one line per step")
+    group.add_argument("--caption_dropout_rate", type=float, default=0.0, help="chance of an empty caption per item")
+    group.add_argument("--caption_dropout_every_n_epochs", type=int, default=0,
+                       help="every Nth epoch trains with empty captions")
+    group.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                       help="chance of dropping each tag (not the keep_tokens ones)")
+
+
+def add_regularisation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream's noise, timestep, Huber, LoRA-dropout and data-weighting options (library.noise etc.)."""
+    group = parser.add_argument_group("regularisation and timesteps")
+    group.add_argument("--noise_offset", type=float, default=None, help="per-channel offset noise strength (~0.1)")
+    group.add_argument("--noise_offset_random_strength", action="store_true",
+                       help="offset strength drawn uniformly from 0..noise_offset each step")
+    group.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise (~0.1)")
+    group.add_argument("--ip_noise_gamma_random_strength", action="store_true",
+                       help="perturbation strength drawn uniformly from 0..ip_noise_gamma each step")
+    group.add_argument("--min_timestep", type=int, default=None, help="lowest timestep trained (0-999, default 0)")
+    group.add_argument("--max_timestep", type=int, default=None, help="highest timestep trained (1-1000, default 1000)")
+    group.add_argument("--huber_schedule", type=str, default=None, choices=list(HUBER_SCHEDULES),
+                       help="Huber/smooth L1 threshold schedule: constant (the default here) or exponential; "
+                            "snr needs a DDPM schedule, which FLUX has not (upstream fails on it too)")
+    group.add_argument("--huber_c", type=float, default=0.1, help="Huber threshold (decay base for exponential)")
+    group.add_argument("--huber_scale", type=float, default=1.0, help="multiplies the Huber threshold")
+    group.add_argument("--network_dropout", type=float, default=None, help="LoRA neuron dropout (0-1), training only")
+    group.add_argument("--scale_weight_norms", type=float, default=None,
+                       help="max norm of each LoRA module's weight (~1.0); shown in the progress bar")
+    group.add_argument("--reg_data_dir", type=str, default=None, help="regularisation images, <repeats>_<class> folders")
+    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
+    group.add_argument("--dataset_repeats", type=int, default=1, help="num_repeats where nothing else sets it")
+    group.add_argument("--alpha_mask", action="store_true", help="use each image's alpha channel as a loss mask")
+    group.add_argument("--masked_loss", action="store_true", help="weight the loss by the alpha mask (needs alpha_mask)")
+    group.add_argument("--resize_interpolation", type=str, default=None, choices=list(RESIZE_INTERPOLATIONS),
+                       help="resampling used to resize images to their bucket (default: lanczos)")
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream's Hugging Face Hub options (library.hub_sync over library.huggingface_util)."""
+    group = parser.add_argument_group("hugging face hub")
+    group.add_argument("--huggingface_repo_id", type=str, default=None, help="upload each saved LoRA to user/name")
+    group.add_argument("--huggingface_repo_type", type=str, default=None, help="model (default), dataset or space")
+    group.add_argument("--huggingface_path_in_repo", type=str, default=None, help="folder inside the repository")
+    group.add_argument("--huggingface_token", type=str, default=None, help="access token (default: the saved login)")
+    group.add_argument("--huggingface_repo_visibility", type=str, default=None,
+                       help="public (default) or private, for a repository created by the upload")
+    group.add_argument("--save_state_to_huggingface", action="store_true", help="upload state folders too")
+    group.add_argument("--resume_from_huggingface", action="store_true",
+                       help="--resume names a Hub folder: user/name/path[:revision]")
+    group.add_argument("--async_upload", action="store_true", help="upload in the background while training goes on")
 
 
 def add_unsupported_arguments(parser: argparse.ArgumentParser) -> None:

@@ -49,6 +49,8 @@ class DataSettings:
     text_encoder_batch_size: int | None
     num_workers: int
     persistent_workers: bool
+    reg_data_dir: str | None = None
+    prior_loss_weight: float = 1.0  # loss weight of regularisation images
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,16 @@ class FlowSettings:
     mode_scale: float
     guidance_scale: float
     loss_type: str
+    # library.noise: offset/perturbation noise, the trained timestep range and the Huber threshold schedule
+    noise_offset: float = 0.0
+    noise_offset_random_strength: bool = False
+    ip_noise_gamma: float = 0.0
+    ip_noise_gamma_random_strength: bool = False
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    huber_schedule: str = "constant"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -204,6 +216,34 @@ class ContinuationSettings:
 
 
 @dataclass(frozen=True)
+class RegularisationSettings:
+    """LoRA dropout and weight-norm options (networks.lora_flux) and the loss mask."""
+
+    network_dropout: float | None = None
+    scale_weight_norms: float | None = None
+    masked_loss: bool = False
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """--huggingface_* (library.hub_sync); `online` is the preflight's verdict."""
+
+    repo_id: str | None = None
+    repo_type: str = "model"
+    path_in_repo: str | None = None
+    token: str | None = None
+    visibility: str | None = None
+    save_state: bool = False
+    resume_from_hub: bool = False
+    async_upload: bool = False
+    online: bool = False
+
+    @property
+    def uploads(self) -> bool:
+        return bool(self.repo_id) and self.online
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     model: ModelSettings
     data: DataSettings
@@ -219,6 +259,8 @@ class TrainSettings:
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     precision: PrecisionSettings = field(default_factory=PrecisionSettings)
     continuation: ContinuationSettings = field(default_factory=ContinuationSettings)
+    regularisation: RegularisationSettings = field(default_factory=RegularisationSettings)
+    hub: HubSettings = field(default_factory=HubSettings)
 
     def resume_settings(self) -> dict:
         """Settings a resumed run must share with the run that wrote the state."""
@@ -284,6 +326,8 @@ def _blocks_to_swap(ns: argparse.Namespace) -> int:
 
 
 def _data(ns: argparse.Namespace) -> DataSettings:
+    from library import option_settings
+
     if not ns.dataset_config and not ns.train_data_dir:
         raise SettingsError("--dataset_config (a dataset.toml) or --train_data_dir is required")
     resolution = None
@@ -303,6 +347,7 @@ def _data(ns: argparse.Namespace) -> DataSettings:
         "max_bucket_reso": ns.max_bucket_reso,
         "bucket_reso_steps": ns.bucket_reso_steps,
         "bucket_no_upscale": ns.bucket_no_upscale,
+        **option_settings.dataset_fallbacks(ns),
     }
     cache_te = ns.cache_text_encoder_outputs or ns.cache_text_encoder_outputs_to_disk
     if ns.persistent_data_loader_workers and ns.max_data_loader_n_workers == 0:
@@ -312,7 +357,8 @@ def _data(ns: argparse.Namespace) -> DataSettings:
         cache_latents_to_disk=ns.cache_latents_to_disk, cache_text_encoder_outputs=cache_te,
         cache_text_encoder_outputs_to_disk=ns.cache_text_encoder_outputs_to_disk,
         vae_batch_size=max(1, ns.vae_batch_size), text_encoder_batch_size=ns.text_encoder_batch_size,
-        num_workers=max(0, ns.max_data_loader_n_workers), persistent_workers=ns.persistent_data_loader_workers)
+        num_workers=max(0, ns.max_data_loader_n_workers), persistent_workers=ns.persistent_data_loader_workers,
+        reg_data_dir=ns.reg_data_dir, prior_loss_weight=ns.prior_loss_weight)
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion")
@@ -403,6 +449,9 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
     from library import advanced_settings
 
     extra = advanced_settings.advanced_settings_from_args(ns)  # logging, validation, precision, continuation
+    from library import option_settings
+
+    extra.update(option_settings.option_settings_from_args(ns))  # captions, regularisation, data, hub
     dim, alpha = advanced_settings.network_dim_alpha(ns)
     model = ModelSettings(
         dit_path=_require(ns, "pretrained_model_name_or_path", "the FLUX DiT (flux1-dev.sft or a diffusers folder)"),
@@ -416,7 +465,8 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
         timestep_sampling=ns.timestep_sampling, sigmoid_scale=ns.sigmoid_scale,
         discrete_flow_shift=ns.discrete_flow_shift, model_prediction_type=ns.model_prediction_type,
         weighting_scheme=ns.weighting_scheme, logit_mean=ns.logit_mean, logit_std=ns.logit_std,
-        mode_scale=ns.mode_scale, guidance_scale=ns.guidance_scale, loss_type=ns.loss_type)
+        mode_scale=ns.mode_scale, guidance_scale=ns.guidance_scale, loss_type=ns.loss_type,
+        **option_settings.flow_options(ns))
     guards = GuardSettings(
         dataloader_timeout=ns.dataloader_timeout, block_swap_timeout=ns.block_swap_timeout,
         cache_io_timeout=ns.cache_io_timeout, sample_timeout=ns.sample_timeout, save_timeout=ns.save_timeout,

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from library.dataset import collate
 from library.fault_injection import inject_point
-from library.flow_matching import apply_prediction_type, flow_loss, sample_noised
+from library.flow_matching import apply_prediction_type, flow_loss, huber_threshold, sample_noised, training_noise
 from library.hang_guards import HINTS
+from library.regularisation import scale_weight_norms, step_rng
 
 log = logging.getLogger(__name__)
 STEP_SEED_STRIDE = 1_000_003  # keeps per-step generator seeds of different runs apart
@@ -110,18 +111,20 @@ def training_step(trainer, batch: dict) -> float:
     inject_point("step")
     s, device, dtype = trainer.s, trainer.device, trainer.weight_dtype
     latents = batch["latents"].to(device, dtype)
-    generator = torch.Generator().manual_seed(s.run.seed * STEP_SEED_STRIDE + trainer.pos.step
-                                              + trainer.accelerator.process_index * 7919)
-    noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+    step_seed = s.run.seed * STEP_SEED_STRIDE + trainer.pos.step + trainer.accelerator.process_index * 7919
+    generator = torch.Generator().manual_seed(step_seed)
+    noise = training_noise(latents.shape, s.flow, generator).to(device, dtype)
     noised = sample_noised(latents, noise, s.flow, generator)
-    loss = flow_matching_loss(trainer, batch, latents, noise, noised)
-    trainer.accelerator.backward(loss)
+    with step_rng(step_seed, device, enabled=trainer.network_drops):  # LoRA dropout masks, reproducible
+        loss = flow_matching_loss(trainer, batch, latents, noise, noised)
+        trainer.accelerator.backward(loss)
     sync_gradients(trainer)
     if s.optimizer.max_grad_norm:
         trainer.accelerator.clip_grad_norm_(trainer.trainable_params, s.optimizer.max_grad_norm)
     trainer.optimizer.step()
     trainer.lr_scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.norm_postfix = scale_weight_norms(trainer)
     return loss.detach().item()
 
 
@@ -148,7 +151,10 @@ def flow_matching_loss(trainer, batch: dict, latents: torch.Tensor, noise: torch
             return_dict=False)[0]
     pred = unpack_latents(pred.float(), h, w)
     pred, weighting = apply_prediction_type(pred, noised, s.flow)
-    return flow_loss(pred, (noise - latents).float(), s.flow.loss_type, weighting)
+    huber_c = (huber_threshold(s.flow, noised.timesteps) if s.flow.huber_schedule == "exponential"
+               else s.flow.huber_c * s.flow.huber_scale)
+    return flow_loss(pred, (noise - latents).float(), s.flow.loss_type, weighting, huber_c=huber_c,
+                     mask=batch.get("alpha_masks"), sample_weights=batch.get("loss_weights"))
 
 
 def sync_gradients(trainer) -> None:
@@ -249,7 +255,7 @@ def run_training_loop(trainer) -> None:
         pos.batch_in_epoch += 1
         recent_losses.append(loss)
         bar.update(1)
-        bar.set_postfix(avr_loss=sum(recent_losses) / len(recent_losses))
+        bar.set_postfix(**getattr(trainer, "norm_postfix", {}), avr_loss=sum(recent_losses) / len(recent_losses))
         trainer.record_loss(loss)
         trainer.heartbeat.step(pos.step, pos.epoch + 1)
         trainer.guards.progress()

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from library import checkpoint_io, checkpoint_validation, continuation, metadata, precision, validation
+from library import (checkpoint_io, checkpoint_validation, continuation, hub_sync, metadata, precision,
+                     regularisation, validation)
 from library.heartbeat import Heartbeat
 from library.hang_guards import HINTS, HangGuards
 from library.settings import SettingsError, TrainSettings, total_steps
@@ -119,6 +120,7 @@ class FluxLoRATrainer:
         # Step updates are throttled to two a second (phase changes always write): a monitor needs no more,
         # and a write per step is measurable on fast small-model steps.
         self.heartbeat = Heartbeat(out, min_interval=0.5) if self.is_main else _SilentHeartbeat()
+        self.hub = hub_sync.HubSync(self.s.hub, timeout=self.s.guards.save_timeout)
         self.guards = HangGuards(out, self.heartbeat, stall_dump_timeout=self.s.guards.stall_dump_timeout,
                                  position=lambda: {"phase": self.phase, **self.pos.as_dict()})
         self.set_phase("loading", "loading models")
@@ -175,9 +177,11 @@ class FluxLoRATrainer:
             print(f"Loading dataset config from {data.dataset_config}")
             blueprints = dataset_config.load_dataset_config(data.dataset_config, cli=data.cli_fallbacks)
         else:
-            blueprints = dataset_config.blueprints_from_train_data_dir(data.train_data_dir, cli=data.cli_fallbacks)
+            blueprints = dataset_config.blueprints_from_train_data_dir(data.train_data_dir, cli=data.cli_fallbacks,
+                                                                       reg_data_dir=data.reg_data_dir)
+        dataset_config.check_text_encoder_cache(blueprints, data)
         self.blueprints = blueprints
-        self.dataset = dataset.build_dataset(blueprints, seed=self.s.run.seed)
+        self.dataset = dataset.build_dataset(blueprints, seed=self.s.run.seed, prior_loss_weight=data.prior_loss_weight)
         self.dataset, self.val_dataset = validation.split_dataset(self.dataset, self.s.validation)
         world = self.accelerator.num_processes
         self.batches_per_epoch = -(-self.dataset.num_batches_per_epoch // world)
@@ -302,7 +306,7 @@ class FluxLoRATrainer:
         clip = self.clip_l if self.train_clip else None
         continuation.merge_base_weights(self)
         self.network = lora_flux.create_network(1.0, net.dim, net.alpha, self.ae, [clip, None], self.transformer,
-                                                **net.args)
+                                                neuron_dropout=self.s.regularisation.network_dropout, **net.args)
         self.network.apply_to([clip, None], self.transformer, apply_text_encoder=self.train_clip, apply_unet=True)
         if net.weights:
             # As upstream (strict=False): load what both sides have, say what was not matched.
@@ -325,6 +329,7 @@ class FluxLoRATrainer:
                 self.clip_l.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 self.clip_l.train()  # transformers checkpoints only in train mode; CLIP-L has no dropout
         self.network.to(self.device)
+        self.network_drops = regularisation.network_drops(self.network)
         precision.prepare_network(self)
 
     def setup_block_swap(self) -> None:
@@ -378,6 +383,8 @@ class FluxLoRATrainer:
         if not target:
             return
         out = self.s.save.output_dir
+        if self.s.hub.resume_from_hub:
+            target = str(hub_sync.download_state(self.s.hub, target, out))
         if target != "auto":
             path = Path(target)
             if not path.is_dir():
@@ -453,6 +460,7 @@ class FluxLoRATrainer:
             print(f"saving checkpoint: {out / file_name}")
             checkpoint_io.save_lora_file(out / file_name, self.lora_tensors(), meta)
             self.rotate()
+        self.hub.after_save(out / file_name, out / state_name if with_state else None, final=kind == "last")
         self.set_phase(previous_phase if previous_phase != "saving" else "training")
 
     def completed_epochs(self) -> int:

@@ -79,6 +79,14 @@ class SubsetDataset(TrainDataset):
     def is_flipped(self, epoch: int, index: int) -> bool:
         return self.augment and super().is_flipped(epoch, index)
 
+    def caption_for(self, epoch: int, index: int, occurrence: int = 0) -> str:
+        if self.augment:
+            return super().caption_for(epoch, index, occurrence)
+        from library import captions  # held-out images: no shuffle/dropout, so every pass sees the same text
+
+        return captions.validation_caption(self.items[index].caption, self.items[index].caption_options,
+                                           captions.caption_rng(self.seed, 0, index))
+
     def fixed_batches(self) -> list[list[tuple[int, int]]]:
         """Validation order: each image once, bucket by bucket, in file order (no shuffle, no repeats)."""
         batches = []
