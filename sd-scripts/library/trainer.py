@@ -172,8 +172,9 @@ class FluxLoRATrainer:
 
         data = self.s.data
         if data.dataset_config:
-            if data.train_data_dir:
-                log.warning("--dataset_config is set: --train_data_dir is ignored")
+            for flag, value in (("--train_data_dir", data.train_data_dir), ("--reg_data_dir", data.reg_data_dir)):
+                if value:  # as upstream: the config file describes every folder
+                    log.warning("--dataset_config is set: %s is ignored (use is_reg = true in a subset)", flag)
             print(f"Loading dataset config from {data.dataset_config}")
             blueprints = dataset_config.load_dataset_config(data.dataset_config, cli=data.cli_fallbacks)
         else:

@@ -101,8 +101,8 @@ def test_config_file_values_and_unknown_key(tmp_path):
     with pytest.raises(ConfigFileError, match="unknown key `lerning_rate`.*bad.toml|bad.toml.*lerning_rate"):
         read_config_values(parser, str(bad))
     unsupported = tmp_path / "unsup.toml"
-    unsupported.write_text("full_bf16 = true\n")
-    with pytest.raises(ConfigFileError, match="not supported by this trainer: --full_bf16"):
+    unsupported.write_text("color_aug = true\n")
+    with pytest.raises(ConfigFileError, match="not supported by this trainer: --color_aug"):
         read_config_values(parser, str(unsupported))
 
 
