@@ -105,6 +105,13 @@ def _precision(ns: argparse.Namespace) -> PrecisionSettings:
         if ns.dynamo_backend not in torch._dynamo.list_backends(exclude_tags=()):
             raise SettingsError(f"--dynamo_backend {ns.dynamo_backend}: this torch has no such backend "
                                 f"(available: {', '.join(torch._dynamo.list_backends(exclude_tags=()))})")
+        import shutil
+
+        import torch
+
+        if ns.dynamo_backend == "inductor" and not torch.cuda.is_available() and not shutil.which("c++"):
+            raise SettingsError("--dynamo_backend inductor needs a C++ compiler on a CPU-only machine "
+                                "(none found); use --dynamo_backend eager")
     return PrecisionSettings(full_bf16=ns.full_bf16, full_fp16=ns.full_fp16,
                              cpu_offload_checkpointing=ns.cpu_offload_checkpointing,
                              torch_compile=ns.torch_compile, dynamo_backend=ns.dynamo_backend)
