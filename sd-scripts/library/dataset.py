@@ -48,6 +48,8 @@ class ImageItem:
     caption_options: captions.CaptionOptions = captions.CaptionOptions()
     is_reg: bool = False
     loss_weight: float = 1.0  # --prior_loss_weight for regularisation images
+    alpha_mask: bool = False
+    resize_interpolation: str | None = None
 
 
 def _name_list(paths: Sequence[Path]) -> str:
@@ -105,21 +107,45 @@ def resize_plan(original_size: tuple[int, int], bucket: tuple[int, int]
     return (rw, rh), (left, top, left + bw, top + bh)
 
 
-def load_image_tensor(item: ImageItem, *, flip: bool = False) -> torch.Tensor:
-    """The item's image resized/cropped to its bucket as float32 [3, H, W] in [-1, 1]."""
+# --resize_interpolation names -> PIL filters (area: PIL's box filter, the same averaging when shrinking)
+RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
+              "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
+              "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+              "area": Image.Resampling.BOX, "box": Image.Resampling.BOX}
+
+
+def _load_resized(item: ImageItem, mode: str) -> Image.Image:
     (rw, rh), crop = resize_plan(item.original_size, item.bucket_reso)
     try:
         with Image.open(item.image_path) as img:
-            img = img.convert("RGB")
+            img = img.convert(mode)
             if img.size != (rw, rh):
-                img = img.resize((rw, rh), Image.Resampling.LANCZOS)
-            img = img.crop(crop)
+                img = img.resize((rw, rh), RESAMPLING[item.resize_interpolation or "lanczos"])
+            return img.crop(crop)
     except OSError as exc:
         raise DatasetError(f"cannot read image {item.image_path}: {exc}") from exc
+
+
+def load_image_tensor(item: ImageItem, *, flip: bool = False) -> torch.Tensor:
+    """The item's image resized/cropped to its bucket as float32 [3, H, W] in [-1, 1]."""
+    img = _load_resized(item, "RGB")
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
     return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def load_alpha_mask(item: ImageItem) -> np.ndarray:
+    """The alpha channel in [0, 1], resized/cropped like the image and area-averaged to latent size (bucket / 8),
+    the size upstream's masked loss area-resizes it to. An image without alpha gives ones (as upstream)."""
+    with Image.open(item.image_path) as probe:
+        has_alpha = "A" in probe.getbands() or "transparency" in probe.info
+    width, height = item.bucket_reso
+    if not has_alpha:
+        return np.ones((height // 8, width // 8), dtype=np.float32)
+    alpha = torch.from_numpy(np.asarray(_load_resized(item, "RGBA"), dtype=np.float32)[:, :, 3].copy()) / 255.0
+    small = torch.nn.functional.interpolate(alpha[None, None], size=(height // 8, width // 8), mode="area")
+    return small[0, 0].numpy()
 
 
 # ---------------------------------------------------------------- building items
@@ -165,7 +191,7 @@ def _subset_items(sub: SubsetBlueprint, bp: DatasetBlueprint, ds_index: int, buc
             caption = captions.static_caption(caption, sub.caption_options)
         items.append(ImageItem(path, caption, bucket_for(size, bp, buckets), size, sub.flip_aug,
                                sub.num_repeats, ds_index, bp.batch_size, sub.caption_options, sub.is_reg,
-                               prior_loss_weight if sub.is_reg else 1.0))
+                               prior_loss_weight if sub.is_reg else 1.0, sub.alpha_mask, sub.resize_interpolation))
     if missing:
         raise DatasetError(
             f"no caption file ({sub.caption_extension}) and no class_tokens for {len(missing)} image(s) in "
@@ -318,6 +344,9 @@ class TrainDataset(torch.utils.data.Dataset):
             "flipped": flipped,
             "latents": torch.from_numpy(np.asarray(self.latent_cache.latents_for(index, flipped), dtype=np.float32)),
         }
+        alpha = getattr(self.latent_cache, "alpha_masks", {}).get(index)
+        if alpha is not None:
+            sample["alpha_mask"] = torch.from_numpy(np.ascontiguousarray(alpha[:, ::-1] if flipped else alpha))
         if self.te_cache is not None:
             for name, value in self.te_cache.outputs_for(index).items():
                 sample[name] = torch.from_numpy(np.asarray(value))
@@ -336,6 +365,9 @@ def collate(samples: Sequence[dict]) -> dict:
     for name in TE_KEYS:
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
+    if any("alpha_mask" in s for s in samples):  # a sample without one counts fully (a mask of ones)
+        shape = next(s["alpha_mask"].shape for s in samples if "alpha_mask" in s)
+        batch["alpha_masks"] = torch.stack([s.get("alpha_mask", torch.ones(shape)) for s in samples])
     return batch
 
 

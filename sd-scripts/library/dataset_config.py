@@ -46,6 +46,8 @@ class SubsetBlueprint:
     source: str = ""  # where this subset was defined, for messages
     caption_options: CaptionOptions = CaptionOptions()
     is_reg: bool = False  # regularisation (prior-preservation) images: loss weighted by --prior_loss_weight
+    alpha_mask: bool = False  # the image's alpha channel weights the loss (masked loss)
+    resize_interpolation: str | None = None  # PIL resampling name; None: lanczos
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,11 @@ SUBSET_KEYS: dict[str, tuple[str, Any]] = {
     "caption_dropout_rate": ("rate", 0.0),
     "caption_dropout_every_n_epochs": ("nonneg_int", 0),
     "caption_tag_dropout_rate": ("rate", 0.0),
+    "resize_interpolation": ("interpolation", None),
 }
-SUBSET_ONLY_KEYS: dict[str, tuple[str, Any]] = {"image_dir": ("str", None), "is_reg": ("bool", False)}
+SUBSET_ONLY_KEYS: dict[str, tuple[str, Any]] = {"image_dir": ("str", None), "is_reg": ("bool", False),
+                                                "alpha_mask": ("bool", False)}
+INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 CAPTION_KEYS = ("shuffle_caption", "keep_tokens", "keep_tokens_separator", "caption_separator", "secondary_separator",
                 "enable_wildcard", "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate")
 
@@ -99,7 +104,6 @@ UNSUPPORTED_DATASET_KEYS = {
     "network_multiplier": 1.0,
     "validation_split": 0.0,
     "validation_seed": None,
-    "resize_interpolation": None,
 }
 UNSUPPORTED_SUBSET_KEYS = {
     "token_warmup_min": 1,
@@ -109,7 +113,6 @@ UNSUPPORTED_SUBSET_KEYS = {
     "face_crop_aug_range": None,
 }
 UNSUPPORTED_SUBSET_ONLY_KEYS = {
-    "alpha_mask": False,
     "metadata_file": None,
     "conditioning_data_dir": None,
     "custom_attributes": None,
@@ -163,6 +166,10 @@ def _check_value(key: str, value: Any, kind: str, where: str) -> Any:
         return None
     if kind == "resolution":
         return parse_resolution(value, where)
+    if kind == "interpolation":
+        if value not in INTERPOLATIONS:
+            raise DatasetConfigError(f"{key} in {where} must be one of {', '.join(INTERPOLATIONS)}, got {value!r}")
+        return value
     if kind == "rate":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
         if not ok:
@@ -261,9 +268,10 @@ def _build_subset(lookup: _Lookup, image_dir: Any, where: str) -> SubsetBlueprin
                for key in CAPTION_KEYS}
     if not options["caption_separator"]:
         raise DatasetConfigError(f"caption_separator in {where} must not be empty")
-    is_reg = bool(lookup.get("is_reg", *SUBSET_ONLY_KEYS["is_reg"])[0])
+    extras = {key: lookup.get(key, *SUBSET_ONLY_KEYS[key])[0] for key in ("is_reg", "alpha_mask")}
+    extras["resize_interpolation"] = lookup.get("resize_interpolation", *SUBSET_KEYS["resize_interpolation"])[0]
     return SubsetBlueprint(image_dir=_check_image_dir(image_dir, where), source=where,
-                           caption_options=CaptionOptions(**options), is_reg=is_reg, **values)
+                           caption_options=CaptionOptions(**options), **extras, **values)
 
 
 def _resolve_resolution(lookup: _Lookup, where: str) -> tuple[int, int]:
@@ -411,3 +419,10 @@ def check_text_encoder_cache(blueprints: list[DatasetBlueprint], data) -> None:
                 raise DatasetConfigError(
                     f"{names[0]} (set for {sub.source}) changes the caption every step, but {flag} encodes each "
                     f"caption once: remove one of them (as upstream)")
+
+
+def check_masked_loss(blueprints: list[DatasetBlueprint], masked_loss: bool) -> None:
+    """--masked_loss weights the loss by alpha masks here; without any alpha_mask subset there is nothing to use."""
+    if masked_loss and not any(sub.alpha_mask for bp in blueprints for sub in bp.subsets):
+        raise DatasetConfigError("--masked_loss needs alpha masks: set alpha_mask = true in a subset or pass "
+                                 "--alpha_mask (mask images from conditioning_data_dir are not supported)")

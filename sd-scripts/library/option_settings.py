@@ -58,7 +58,8 @@ def dataset_fallbacks(ns: argparse.Namespace) -> dict:
                                     f"once: remove one of them (as upstream)")
     return {name: getattr(ns, name) for name in (
         "shuffle_caption", "caption_separator", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
-        "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "dataset_repeats")}
+        "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "dataset_repeats",
+        "alpha_mask", "resize_interpolation")}
 
 
 def flow_options(ns: argparse.Namespace) -> dict:

@@ -181,6 +181,7 @@ class FluxLoRATrainer:
             blueprints = dataset_config.blueprints_from_train_data_dir(data.train_data_dir, cli=data.cli_fallbacks,
                                                                        reg_data_dir=data.reg_data_dir)
         dataset_config.check_text_encoder_cache(blueprints, data)
+        dataset_config.check_masked_loss(blueprints, self.s.regularisation.masked_loss)
         self.blueprints = blueprints
         self.dataset = dataset.build_dataset(blueprints, seed=self.s.run.seed, prior_loss_weight=data.prior_loss_weight)
         self.dataset, self.val_dataset = validation.split_dataset(self.dataset, self.s.validation)
