@@ -67,7 +67,7 @@ class SubsetDataset(TrainDataset):
 
     @property
     def num_train_images(self) -> int:
-        return sum(self.items[i].num_repeats for i in self.indices)
+        return sum(self.items[i].num_repeats for i in self.indices if not self.items[i].is_reg)
 
     @property
     def bucket_counts(self) -> dict[tuple[int, int], int]:
