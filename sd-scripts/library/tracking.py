@@ -146,9 +146,10 @@ class Tracker:
         values.update(lr_tags(trainer.optimizer.param_groups, trainer.train_clip))
         self.log(values, step=pos.step, epoch=pos.epoch + 1)
 
-    def log_epoch_end(self, trainer) -> None:
+    def log_epoch_end(self, trainer, epoch: int | None = None) -> None:
+        """`epoch`: the 1-based epoch that ends (default: the one just completed)."""
         self.log({"loss/epoch_average": self.recorder.moving_average}, step=trainer.pos.step,
-                 epoch=trainer.pos.epoch, axis="epoch")
+                 epoch=trainer.pos.epoch if epoch is None else epoch, axis="epoch")
 
     def flush(self) -> None:
         if self._tb is not None:

@@ -264,6 +264,9 @@ def run_training_loop(trainer) -> None:
             end_epoch(trainer)
         simulate_crash_if_requested(pos.step)
     bar.close()
+    if pos.batch_in_epoch:  # the run ended inside an epoch: upstream still closes that epoch's logs
+        trainer.validator.maybe_validate(trainer, at_epoch_end=True, epoch=pos.epoch + 1)
+        trainer.tracker.log_epoch_end(trainer, epoch=pos.epoch + 1)
 
 
 def simulate_crash_if_requested(step: int) -> None:

@@ -160,14 +160,16 @@ class Validator:
         self.seconds += time.perf_counter() - started
         return loss
 
-    def maybe_validate(self, trainer, *, at_epoch_end: bool) -> None:
-        """The scheduled passes (upstream's cadence), logged with upstream's tags."""
+    def maybe_validate(self, trainer, *, at_epoch_end: bool, epoch: int | None = None) -> None:
+        """The scheduled passes (upstream's cadence), logged with upstream's tags. `epoch`: the 1-based epoch
+        that ends (default: the one just completed)."""
         if not self.enabled:
             return
         pos, tracker = trainer.pos, trainer.tracker
+        epoch = pos.epoch if epoch is None else epoch
         if at_epoch_end:
             every = self.s.every_n_epochs
-            if every and pos.epoch % every:
+            if every and epoch % every:
                 return
             kind, axis = "epoch", "epoch"
         else:
@@ -181,7 +183,7 @@ class Validator:
             print(f"validation loss at step {pos.step}: {loss:.6f}", flush=True)
         tracker.log({f"loss/validation/{kind}_average": loss,
                      f"loss/validation/{kind}_divergence": loss - tracker.recorder.moving_average},
-                    step=pos.step, epoch=pos.epoch if at_epoch_end else pos.epoch + 1, axis=axis)
+                    step=pos.step, epoch=epoch if at_epoch_end else pos.epoch + 1, axis=axis)
 
     def checkpoint_record(self, trainer) -> dict:
         """What a checkpoint at this step records: the validation loss at exactly this step."""

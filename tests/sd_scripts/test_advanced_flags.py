@@ -253,3 +253,24 @@ def test_refused_flags_all_give_a_reason():
     assert len(refused) == len(args.UNSUPPORTED_FLAGS) == 73
     assert all(a.reason for a in refused)
     assert "SD1/SDXL only" in args.UNSUPPORTED_FLAGS["--clip_skip"]
+
+
+def test_cpu_offload_checkpointing_context_keeps_gradients(tmp_path):
+    """The offload hooks are active exactly when asked for, and a backward through them is unchanged.
+    (On a CPU-only machine nothing moves; the GPU check counts offloaded bytes in precision.OFFLOAD_STATS.)"""
+    import contextlib
+
+    from library import precision
+
+    def trainer(*extra):
+        return SimpleNamespace(s=settings(tmp_path, *extra))
+
+    assert isinstance(precision.activation_offload(trainer("--cpu_offload_checkpointing")), contextlib.nullcontext)
+    active = precision.activation_offload(trainer("--cpu_offload_checkpointing", "--gradient_checkpointing"))
+    assert isinstance(active, torch.autograd.graph.saved_tensors_hooks)
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(4, 4), torch.randn(3, 4)
+    plain = torch.autograd.grad(torch.tanh(layer(x)).sum(), layer.weight)[0]
+    with active:
+        offloaded = torch.autograd.grad(torch.tanh(layer(x)).sum(), layer.weight)[0]
+    assert torch.equal(plain, offloaded)
