@@ -377,7 +377,8 @@ class FluxLoRATrainer:
             result.append({"resolution": list(bp.resolution), "batch_size_per_device": bp.batch_size,
                            "enable_bucket": bp.enable_bucket,
                            "subsets": [{"image_dir": Path(sub.image_dir).name, "num_repeats": sub.num_repeats,
-                                        "class_tokens": sub.class_tokens} for sub in bp.subsets]})
+                                        "class_tokens": sub.class_tokens, **metadata.subset_options(sub)}
+                                       for sub in bp.subsets]})
         return result
 
     def resume_if_requested(self) -> None:

@@ -9,10 +9,12 @@ all depend only on (seed, step/epoch, item).
 """
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from train_helpers import make_dataset, run_trainer, trainer_args
@@ -82,6 +84,13 @@ def test_guide_flag_set_trains_and_resumes_bit_identically(tiny_models, tmp_path
     assert "Keys Scaled=" in proc.stderr and "Average key norm=" in proc.stderr  # upstream's bar figures
     assert list((base / "logs").rglob("events.out.tfevents.*"))
     tensors = load_file(str(base / "tiny.safetensors"))
+    with safe_open(str(base / "tiny.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+    assert (meta["ss_noise_offset"], meta["ss_network_dropout"], meta["ss_huber_schedule"],
+            meta["ss_num_reg_images"], meta["ss_prior_loss_weight"]) == ("0.05", "0.1", "exponential", "2", "0.5")
+    subsets = json.loads(meta["ss_datasets"])[0]["subsets"]
+    assert [(s["shuffle_caption"], s["is_reg"], s["alpha_mask"]) for s in subsets] == [(True, False, True),
+                                                                                       (True, True, False)]
     assert all(t.dtype == torch.bfloat16 for k, t in tensors.items() if "lora_" in k and k.endswith("weight"))
     ups = [t.float() for k, t in tensors.items() if k.endswith("lora_up.weight")]
     assert any(float(u.abs().max()) > 0 for u in ups)  # it trained
