@@ -282,11 +282,13 @@ def add_regularisation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--network_dropout", type=float, default=None, help="LoRA neuron dropout (0-1), training only")
     group.add_argument("--scale_weight_norms", type=float, default=None,
                        help="max norm of each LoRA module's weight (~1.0); shown in the progress bar")
-    group.add_argument("--reg_data_dir", type=str, default=None, help="regularisation images, <repeats>_<class> folders")
+    group.add_argument("--reg_data_dir", type=str, default=None,
+                       help="regularisation images, <repeats>_<class> folders")
     group.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
     group.add_argument("--dataset_repeats", type=int, default=1, help="num_repeats where nothing else sets it")
     group.add_argument("--alpha_mask", action="store_true", help="use each image's alpha channel as a loss mask")
-    group.add_argument("--masked_loss", action="store_true", help="weight the loss by the alpha mask (needs alpha_mask)")
+    group.add_argument("--masked_loss", action="store_true",
+                       help="weight the loss by the alpha mask (needs alpha_mask)")
     group.add_argument("--resize_interpolation", type=str, default=None, choices=list(RESIZE_INTERPOLATIONS),
                        help="resampling used to resize images to their bucket (default: lanczos)")
 

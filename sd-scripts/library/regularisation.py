@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -32,13 +32,14 @@ def step_rng(seed: int, device: torch.device, enabled: bool = True) -> Iterator[
         yield
 
 
-def scale_weight_norms(trainer) -> dict[str, float]:
-    """--scale_weight_norms: cap each module's weight norm; returns upstream's progress-bar postfix."""
-    max_norm = trainer.s.regularisation.scale_weight_norms
+def scale_weight_norms(network, max_norm: float | None, log: Callable[[dict], None] | None = None
+                       ) -> dict[str, float]:
+    """--scale_weight_norms: cap each module's weight norm; returns upstream's progress-bar postfix and hands
+    upstream's max_norm/* tags to `log` (the tracker, at the step just taken)."""
     if not max_norm:
         return {}
-    network = trainer.accelerator.unwrap_model(trainer.network)
-    keys_scaled, mean_norm, maximum_norm = network.apply_max_norm_regularization(max_norm, trainer.device)
-    trainer.tracker.log({"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": maximum_norm,
-                         "norm/avg_key_norm": mean_norm}, step=trainer.pos.step + 1, epoch=trainer.pos.epoch + 1)
+    keys_scaled, mean_norm, maximum_norm = network.apply_max_norm_regularization(max_norm)
+    if log is not None:
+        log({"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": maximum_norm,
+             "norm/avg_key_norm": mean_norm})
     return {"Keys Scaled": keys_scaled, "Average key norm": mean_norm}

@@ -115,7 +115,8 @@ def training_step(trainer, batch: dict) -> float:
     generator = torch.Generator().manual_seed(step_seed)
     noise = training_noise(latents.shape, s.flow, generator).to(device, dtype)
     noised = sample_noised(latents, noise, s.flow, generator)
-    with step_rng(step_seed, device, enabled=trainer.network_drops):  # LoRA dropout masks, reproducible
+    # LoRA dropout masks come from a per-step seed, so a resumed run draws the same ones
+    with step_rng(step_seed, device, enabled=getattr(trainer, "network_drops", False)):
         loss = flow_matching_loss(trainer, batch, latents, noise, noised)
         trainer.accelerator.backward(loss)
     sync_gradients(trainer)
@@ -124,7 +125,9 @@ def training_step(trainer, batch: dict) -> float:
     trainer.optimizer.step()
     trainer.lr_scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.norm_postfix = scale_weight_norms(trainer)
+    trainer.norm_postfix = scale_weight_norms(  # upstream's "Keys Scaled" figures for the progress bar
+        trainer.accelerator.unwrap_model(trainer.network), s.regularisation.scale_weight_norms,
+        log=lambda tags: trainer.tracker.log(tags, step=trainer.pos.step + 1, epoch=trainer.pos.epoch + 1))
     return loss.detach().item()
 
 
