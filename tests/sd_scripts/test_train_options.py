@@ -96,7 +96,7 @@ def test_guide_flag_set_trains_and_resumes_bit_identically(tiny_models, tmp_path
     assert any(float(u.abs().max()) > 0 for u in ups)  # it trained
 
     chain = tmp_path / "chain"
-    args = _args(tiny_models, toml, chain, "--save_every_n_steps", "1", "--save_state")
+    args = _args(tiny_models, toml, chain, "--save_every_n_steps", "2", "--save_state")  # step 2: state
     _run(args, tmp_path / "chain.csv", stop=2)
     resumed = _run(args + ["--resume", "auto"], tmp_path / "chain.csv")
     assert "resumed from" in resumed.stdout
