@@ -101,7 +101,7 @@ def build_training_metadata(settings, *, optimizer_name: str, num_train_images: 
         "ss_network_alpha": _str(raw.get("network_alpha", net.alpha)),
         "ss_network_dropout": "None",
         "ss_mixed_precision": run.mixed_precision,
-        "ss_full_fp16": "False",
+        "ss_full_fp16": str(settings.precision.full_fp16),
         "ss_v2": "False",
         "ss_base_model_version": "flux1",
         "ss_clip_skip": "None",

@@ -101,8 +101,7 @@ class FluxLoRATrainer:
         from library.tracking import Tracker
         from library.validation import Validator
 
-        self.tracker = Tracker(self.s.tracking, is_main=enabled and self.is_main,
-                               raw_flags=self.s.raw)
+        self.tracker = Tracker(self.s.tracking, is_main=enabled and self.is_main, raw_flags=self.s.raw)
         self.validator = Validator(self, self.val_dataset if enabled else None)
         if enabled and self.resumed_state is not None:  # loss/average continues where the state left it
             self.tracker.recorder.restore_from_state(self.resumed_state)
