@@ -80,7 +80,8 @@ def _train(ns: argparse.Namespace, command: list[str]) -> int:
     from library.settings import settings_from_args
 
     settings = settings_from_args(ns)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # FIX: never wait on a hub download mid-run
+    if not settings.hub.online:  # uploads (--huggingface_repo_id) need the Hub; nothing else downloads
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # FIX: never wait on a hub download mid-run
     # Every check that needs no weights, the output-folder lock (held until the end) and the run identity.
     plan = run_preflight(settings, command=command)
     try:

@@ -19,6 +19,13 @@ def setup_parser() -> argparse.ArgumentParser:
     flags.add_training_arguments(parser)
     flags.add_optimizer_arguments(parser)
     flags.add_network_arguments(parser)
+    flags.add_logging_arguments(parser)
+    flags.add_validation_arguments(parser)
+    flags.add_precision_arguments(parser)
+    flags.add_continuation_arguments(parser)
+    flags.add_caption_arguments(parser)
+    flags.add_regularisation_arguments(parser)
+    flags.add_hub_arguments(parser)
     return parser
 
 

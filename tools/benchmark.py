@@ -2,11 +2,13 @@
 
     .venv/bin/python tools/benchmark.py [--width tiny|real] [--steps 20] [--rounds 3] [--json]
 
-One trainer (same model, data, LoRA and optimizer) serves every variant. Prints three ratios measured in one run:
+One trainer (same model, data, LoRA and optimizer) serves every variant. Prints the ratios measured in one run:
   ours / bare        the whole per-step path (data, guards, heartbeat, progress bar) vs forward+loss+backward+step
   hardened / plain   our loop with every hang guard on vs all of them off (target <= 1.02)
-plus the startup time to the first finished step and the peak RSS. Rounds interleave the
-variants so a machine that gets busier affects all of them alike; medians are reported.
+  logged / ours      our loop with TensorBoard logging (--logging_dir) vs without: the per-step logging cost
+plus the time of one validation pass (--validation_split 0.25: 2 held-out images x 4 timesteps), the startup
+time to the first finished step and the peak RSS. Rounds interleave the variants so a machine that gets
+busier affects all of them alike; medians are reported.
 """
 from __future__ import annotations
 
@@ -42,15 +44,47 @@ def build_trainer(work: Path, width: str):
     models = build_tiny_models(work / "models", seed=0, width=width)
     size = 64 if width == "tiny" else 128
     _, toml = make_dataset(work / ("data-" + width), count=8, size=size)
-    ns = setup_parser().parse_args(trainer_args(models, toml, work / "out", "--max_train_steps", "100000"))
+    ns = setup_parser().parse_args(trainer_args(models, toml, work / "out", "--max_train_steps", "100000",
+                                                "--logging_dir", str(work / "logs"), "--validation_split", "0.25"))
     settings = settings_from_args(ns)
     trainer = FluxLoRATrainer(settings, run_preflight(settings))
     trainer.setup_accelerator()
     trainer.prepare_output_dir()
     for phase in (trainer.load_tokenizers, trainer.build_dataset, trainer.load_models, trainer.cache_latents,
-                  trainer.cache_text_encoder_outputs, trainer.create_network, trainer.create_optimizer):
+                  trainer.cache_text_encoder_outputs, trainer.create_network, trainer.create_optimizer,
+                  trainer.start_tracking):
         phase()
-    return trainer
+    tracker, validator = trainer.control.tracker, trainer.control.validator
+    trainer.control.tracker = trainer.control.validator = None  # the plain variants log and validate nothing
+    return trainer, tracker, validator
+
+
+@contextlib.contextmanager
+def logging_on(trainer, tracker):
+    """The same trainer with its TensorBoard tracker logging every step (validation still off)."""
+    trainer.control.tracker = tracker
+    try:
+        yield trainer
+    finally:
+        trainer.control.tracker = None
+
+
+def time_log_step(trainer, tracker, calls: int = 500) -> float:
+    """Seconds per tracker.log_step (the per-step TensorBoard write: loss, average, 2 learning rates): the cost
+    logging adds to a step, measured directly so it is not lost in step-time noise on a busy machine."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        tracker.log_step(trainer.session, 0.5)
+    return (time.perf_counter() - started) / calls
+
+
+def time_validation(trainer, validator, passes: int) -> float:
+    """Seconds per validation pass (forward only, fixed noise, 4 timesteps per held-out batch)."""
+    started = time.perf_counter()
+    for _ in range(passes):
+        validator.results.clear()
+        validator.run(trainer.session)
+    return (time.perf_counter() - started) / passes
 
 
 @contextlib.contextmanager
@@ -138,23 +172,33 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="fluxtrain-bench-") as tmp:
         work = Path(tmp)
-        trainer = build_trainer(work, args.width)
+        trainer, tracker, validator = build_trainer(work, args.width)
         time_ours(trainer, 1)
         startup = time.monotonic() - T_START
         time_bare(trainer, 2)  # warm-up
-        results = {"bare": [], "ours": [], "plain": []}
+        results = {"bare": [], "ours": [], "plain": [], "logged": [], "validation_pass": [], "log_call": []}
+        contexts = {"ours": contextlib.nullcontext, "plain": lambda: guards_off(trainer),
+                    "logged": lambda: logging_on(trainer, tracker)}
         for round_no in range(args.rounds):
             results["bare"].append(time_bare(trainer, args.steps))
-            # Whichever loop variant runs first in a round measured 1-3 % slower here, so they alternate.
-            for variant in (("ours", "plain") if round_no % 2 == 0 else ("plain", "ours")):
-                with guards_off(trainer) if variant == "plain" else contextlib.nullcontext():
+            # Whichever loop variant runs first in a round measured 1-3 % slower here, so the order rotates.
+            order = list(contexts)[round_no % 3:] + list(contexts)[:round_no % 3]
+            for variant in order:
+                with contexts[variant]():
                     results[variant].append(time_ours(trainer, args.steps))
+            results["validation_pass"].append(time_validation(trainer, validator, 2))
+            results["log_call"].append(time_log_step(trainer, tracker))
+        tracker.close()
         trainer.control.close()
     med = {k: statistics.median(v) for k, v in results.items()}
     report = {
         "width": args.width, "steps_per_round": args.steps, "rounds": args.rounds,
         "bare_step_s": med["bare"], "ours_step_s": med["ours"], "ours_without_hardening_step_s": med["plain"],
         "ratio_ours_vs_bare": med["ours"] / med["bare"], "ratio_hardened_vs_plain": med["ours"] / med["plain"],
+        "logged_step_s": med["logged"], "logging_cost_per_step_s": med["logged"] - med["ours"],
+        "log_step_call_s": med["log_call"], "validation_pass_s": med["validation_pass"],
+        "validation_pass_in_steps": med["validation_pass"] / med["ours"],
+        "validation_batches_per_pass": len(validator.batches),
         "startup_to_first_step_s": startup,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -167,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{report['ratio_ours_vs_bare']:.3f} (target <= 1.10)")
         print(f"  ours, guards off       {med['plain'] * 1000:8.2f} ms/step   hardened/plain "
               f"{report['ratio_hardened_vs_plain']:.3f} (target <= 1.02)")
+        print(f"  ours, TensorBoard on   {med['logged'] * 1000:8.2f} ms/step   logging cost "
+              f"{report['logging_cost_per_step_s'] * 1000:+.2f} ms/step (loop difference); one log_step call "
+              f"{med['log_call'] * 1e6:.0f} us")
+        print(f"  one validation pass    {med['validation_pass'] * 1000:8.2f} ms   "
+              f"= {report['validation_pass_in_steps']:.2f} training steps ({report['validation_batches_per_pass']} "
+              "batches x 4 timesteps; validating every N steps adds pass/N per step)")
         print(f"  startup to first step  {startup:8.2f} s")
         print(f"  peak RSS               {report['peak_rss_mb']:8.0f} MB")
     return 0

@@ -5,7 +5,8 @@
   runs kept under runs/<id>/ (a fresh start moves the previous run's files there).
 - `--validate PATH`: check one state folder or LoRA file.
 - `--prune-keep N`: delete all but the newest N valid state folders (`--dry-run`, `--prune-invalid`).
-Exit codes: 0 found, 3 nothing valid found, 2 usage error, 1 other failure. Uses the trainer's validation module.
+- `--best`: valid checkpoints (of --type) ranked by the validation loss they recorded (--validation_split).
+Exit codes: 0 found, 3 nothing valid found (with --best: none recorded a validation loss), 2 usage error, 1 other failure. Uses the trainer's validation module.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import shlex
+import struct
 import sys
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from library.checkpoint_validation import (  # noqa: E402
     CheckpointInfo,
     discover,
     newest_valid_state,
+    read_manifest,
     validate_lora_file,
     validate_state_dir,
 )
@@ -53,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list every candidate with its validity")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--validate", metavar="PATH", help="validate one state folder or LoRA file")
+    p.add_argument("--best", action="store_true",
+                   help="rank valid checkpoints by their recorded validation loss and name the best one")
     p.add_argument("--prune-keep", type=int, metavar="N", help="delete all but the newest N valid state folders")
     p.add_argument("--dry-run", action="store_true", help="with --prune-keep: only say what would be deleted")
     p.add_argument("--prune-invalid", action="store_true",
@@ -227,6 +232,52 @@ def _run_prune(args, output_dir: Path) -> int:
     return EXIT_OK if valid else EXIT_NONE
 
 
+def _lora_metadata(path: Path) -> dict:
+    """The __metadata__ of a safetensors file, read from its header only."""
+    try:
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError, struct.error):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def validation_record(info: CheckpointInfo) -> tuple[float, int] | None:
+    """(validation loss, step it was measured at) that a checkpoint recorded, or None."""
+    try:
+        if info.path.is_dir():
+            record = read_manifest(info.path).get("validation") or {}
+            return float(record["validation_loss"]), int(record["validation_step"])
+        meta = _lora_metadata(info.path)
+        return float(meta["fluxtrain_validation_loss"]), int(meta["fluxtrain_validation_step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _run_best(args, output_dir: Path) -> int:
+    ranked = []
+    for kind in _kinds(args.type):
+        for c in discover(output_dir, kind=kind, output_name=args.name, leftovers=False):
+            record = validation_record(c) if c.valid else None
+            if record is not None:
+                ranked.append((record[0], record[1], c))
+    ranked.sort(key=lambda r: (r[0], -r[1]))  # equal losses: the later step first
+    rows = [{**c.to_json(), "validation_loss": loss, "validation_step": step} for loss, step, c in ranked]
+    if args.json:
+        print(json.dumps({"output_dir": str(output_dir), "best": rows[0] if rows else None, "ranked": rows},
+                         indent=2, sort_keys=True))
+    elif not rows:
+        print(f"no valid checkpoint in {output_dir} recorded a validation loss (train with --validation_split)")
+    else:
+        print(f"checkpoints in {output_dir} by validation loss (lowest first):")
+        for loss, step, c in ranked:
+            print(f"  {loss:12.6f}  at step {step:>8}  {c.path.name}")
+        print(f"best: {ranked[0][2].path} (validation loss {ranked[0][0]:.6f} at step {ranked[0][1]})")
+    return EXIT_OK if rows else EXIT_NONE
+
+
 def main(argv: list[str] | None = None) -> int:
     with quiet_closed_pipe():  # `find_checkpoint.py DIR --list | head -1`: no traceback, the usual exit code
         return _main(argv)
@@ -256,6 +307,8 @@ def _main(argv: list[str] | None) -> int:
                   "deleted)", file=sys.stderr)
             return EXIT_USAGE
         return _run_prune(args, output_dir)
+    if args.best:
+        return _run_best(args, output_dir)
     if args.dry_run or args.prune_invalid:
         print("find_checkpoint.py: error: --dry-run/--prune-invalid need --prune-keep N", file=sys.stderr)
         return EXIT_USAGE

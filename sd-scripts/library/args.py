@@ -9,38 +9,47 @@ from __future__ import annotations
 
 import argparse
 
-UNSUPPORTED_MESSAGE = "not supported by this trainer: {flag}"
+UNSUPPORTED_MESSAGE = "not supported by this trainer: {flag} ({reason})"
 
-# Real upstream flags we do not implement. Each takes any number of values so the
-# error names the flag itself, not a confusing "expected one argument".
-UNSUPPORTED_FLAGS = (
-    "--v2", "--v_parameterization", "--in_json", "--reg_data_dir", "--dataset_class",
-    "--dataset_repeats", "--shuffle_caption", "--caption_separator", "--keep_tokens_separator",
-    "--secondary_separator", "--enable_wildcard", "--color_aug", "--face_crop_aug_range",
-    "--random_crop", "--debug_dataset", "--token_warmup_min", "--token_warmup_step", "--alpha_mask",
-    "--caption_dropout_rate", "--caption_dropout_every_n_epochs", "--caption_tag_dropout_rate",
-    "--huggingface_repo_id", "--huggingface_repo_type", "--huggingface_path_in_repo",
-    "--huggingface_token", "--huggingface_repo_visibility", "--save_state_to_huggingface",
-    "--resume_from_huggingface", "--async_upload", "--save_n_epoch_ratio", "--max_token_length",
-    "--torch_compile", "--dynamo_backend", "--vae", "--full_fp16", "--full_bf16",
-    "--ddp_gradient_as_bucket_view", "--ddp_static_graph", "--clip_skip", "--logging_dir", "--log_with",
-    "--log_prefix", "--log_tracker_name", "--wandb_run_name", "--log_tracker_config", "--wandb_api_key",
-    "--log_config", "--noise_offset", "--noise_offset_random_strength", "--multires_noise_iterations",
-    "--multires_noise_discount", "--ip_noise_gamma", "--ip_noise_gamma_random_strength",
-    "--adaptive_noise_scale", "--zero_terminal_snr", "--min_timestep", "--max_timestep",
-    "--huber_schedule", "--huber_c", "--huber_scale", "--prior_loss_weight", "--conditioning_data_dir",
-    "--masked_loss", "--initial_epoch", "--initial_step", "--skip_until_initial_step", "--validation_seed",
-    "--validation_split", "--validate_every_n_steps", "--validate_every_n_epochs", "--max_validation_steps",
-    "--deepspeed", "--zero_stage", "--offload_optimizer_device", "--offload_optimizer_nvme_path",
-    "--offload_param_device", "--offload_param_nvme_path", "--zero3_init_flag", "--zero3_save_16bit_model",
-    "--fp16_master_weights_and_gradients", "--use_8bit_adam", "--use_lion_optimizer", "--lr_scheduler_type",
-    "--lr_scheduler_args", "--fused_backward_pass", "--lr_scheduler_timescale", "--lr_scheduler_min_lr_ratio",
-    "--min_snr_gamma", "--scale_v_pred_loss_like_noise_pred", "--v_pred_like_loss", "--debiased_estimation_loss",
-    "--weighted_captions", "--network_dropout", "--network_train_text_encoder_only", "--dim_from_weights",
-    "--scale_weight_norms", "--base_weights", "--base_weights_multiplier", "--no_half_vae",
-    "--cpu_offload_checkpointing", "--controlnet_model_name_or_path", "--model_type",
-    "--bypass_flux_guidance", "--mem_eff_attn", "--xformers", "--resize_interpolation",
-)
+_SD_ONLY = "SD1/SDXL only; FLUX does not use it"
+_SD_NOISE = "SD1/SDXL noise schedule option; FLUX flow matching does not use it"
+_PER_STEP_PIXELS = ("a per-step image augmentation: it needs the autoencoder every step, and this trainer always "
+                    "caches latents (upstream refuses it with --cache_latents too); use flip_aug")
+_DEEPSPEED = "DeepSpeed/ZeRO is not available here; for memory use --blocks_to_swap, --fp8_base or --full_bf16"
+_CONTROLNET = "ControlNet training, not LoRA; use upstream's flux_train_control_net.py"
+
+# Real upstream flags we do not implement, each with the reason the error gives. Each takes any number of
+# values so the error names the flag itself, not a confusing "expected one argument".
+UNSUPPORTED_FLAGS: dict[str, str] = {
+    "--v2": _SD_ONLY, "--v_parameterization": _SD_ONLY, "--clip_skip": _SD_ONLY, "--no_half_vae": _SD_ONLY,
+    "--vae": "SD1/SDXL only; the FLUX autoencoder is --ae", "--max_token_length": _SD_ONLY + " (T5: --t5xxl_max_token_length)",
+    "--zero_terminal_snr": _SD_NOISE, "--min_snr_gamma": _SD_NOISE, "--debiased_estimation_loss": _SD_NOISE,
+    "--scale_v_pred_loss_like_noise_pred": _SD_NOISE, "--v_pred_like_loss": _SD_NOISE,
+    "--multires_noise_iterations": _SD_NOISE, "--multires_noise_discount": _SD_NOISE,
+    "--adaptive_noise_scale": _SD_NOISE,
+    "--weighted_captions": "SD1/SDXL prompt weighting; not used by FLUX LoRA",
+    "--token_warmup_min": "token warmup is an SD1/SDXL caption option; not used by FLUX LoRA",
+    "--token_warmup_step": "token warmup is an SD1/SDXL caption option; not used by FLUX LoRA",
+    "--in_json": "fine-tuning metadata datasets are not handled; use image folders or --dataset_config",
+    "--dataset_class": "custom dataset classes are not handled; use image folders or --dataset_config",
+    "--debug_dataset": "not implemented; check the dataset summary printed at start instead",
+    "--conditioning_data_dir": _CONTROLNET, "--controlnet_model_name_or_path": _CONTROLNET,
+    "--deepspeed": _DEEPSPEED, "--zero_stage": _DEEPSPEED, "--offload_optimizer_device": _DEEPSPEED,
+    "--offload_optimizer_nvme_path": _DEEPSPEED, "--offload_param_device": _DEEPSPEED,
+    "--offload_param_nvme_path": _DEEPSPEED, "--zero3_init_flag": _DEEPSPEED, "--zero3_save_16bit_model": _DEEPSPEED,
+    "--fp16_master_weights_and_gradients": _DEEPSPEED,
+    "--ddp_gradient_as_bucket_view": "no DDP wrapper here: LoRA gradients are averaged by the trainer itself",
+    "--ddp_static_graph": "no DDP wrapper here: LoRA gradients are averaged by the trainer itself",
+    "--fused_backward_pass": "full fine-tuning only (flux_train.py); upstream's LoRA path does not use it either",
+    "--network_train_text_encoder_only": "not implemented; FLUX LoRA trains the transformer (and CLIP-L)",
+    "--model_type": "Chroma: this trainer trains FLUX.1 dev/schnell only",
+    "--bypass_flux_guidance": "Chroma only; not used by FLUX.1 LoRA",
+    # augmentations that change the pixels every step: they need the VAE per step, and latents are always cached here
+    "--random_crop": _PER_STEP_PIXELS, "--color_aug": _PER_STEP_PIXELS, "--face_crop_aug_range": _PER_STEP_PIXELS,
+}
+
+DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                   "fx2trt", "onnxrt", "tensort", "ipex", "tvm")
 
 
 class _Unsupported(argparse.Action):
@@ -49,11 +58,12 @@ class _Unsupported(argparse.Action):
     def __init__(self, option_strings, dest, **kwargs):
         kwargs.setdefault("nargs", "*")
         kwargs["default"] = argparse.SUPPRESS
-        kwargs["help"] = "upstream flag, not supported by this trainer"
+        self.reason = UNSUPPORTED_FLAGS.get(option_strings[0], "")
+        kwargs["help"] = f"upstream flag, not supported by this trainer: {self.reason}"
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(UNSUPPORTED_MESSAGE.format(flag=option_string))
+        parser.error(UNSUPPORTED_MESSAGE.format(flag=option_string, reason=self.reason))
 
 
 def _float_or_int(text: str):
@@ -165,6 +175,137 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--network_args", type=str, default=None, nargs="*")
     group.add_argument("--network_train_unet_only", action="store_true")
     group.add_argument("--training_comment", type=str, default=None)
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream's tracker flags (library.tracking): TensorBoard and/or wandb."""
+    group = parser.add_argument_group("logging")
+    group.add_argument("--logging_dir", type=str, default=None,
+                       help="TensorBoard logs go to LOGGING_DIR/<log_prefix><timestamp>/<log_tracker_name>")
+    group.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"],
+                       help="default: tensorboard when --logging_dir is given")
+    group.add_argument("--log_prefix", type=str, default=None, help="prefix of the timestamped log folder")
+    group.add_argument("--log_tracker_name", type=str, default=None, help="tracker/project name (network_train)")
+    group.add_argument("--wandb_run_name", type=str, default=None)
+    group.add_argument("--log_tracker_config", type=str, default=None,
+                       help="toml with per-tracker init options, e.g. [wandb] entity = ...")
+    group.add_argument("--wandb_api_key", type=str, default=None, help="logs in to wandb before training")
+    group.add_argument("--log_config", action="store_true", help="record the training flags in the tracker")
+
+
+def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream's validation-loss flags (library.validation)."""
+    group = parser.add_argument_group("validation")
+    group.add_argument("--validation_seed", type=int, default=None, help="split and noise seed (default: --seed)")
+    group.add_argument("--validation_split", type=float, default=0.0,
+                       help="fraction of each image folder held out for validation (0 disables)")
+    group.add_argument("--validate_every_n_steps", type=int, default=None)
+    group.add_argument("--validate_every_n_epochs", type=int, default=None,
+                       help="default: every epoch when a validation split is set")
+    group.add_argument("--max_validation_steps", type=int, default=None, help="validation batches per pass")
+
+
+def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream's precision/memory/compile flags (library.precision)."""
+    group = parser.add_argument_group("precision and memory")
+    group.add_argument("--full_fp16", action="store_true", help="LoRA weights and gradients in fp16 (needs fp16)")
+    group.add_argument("--full_bf16", action="store_true", help="LoRA weights and gradients in bf16 (needs bf16)")
+    group.add_argument("--cpu_offload_checkpointing", action="store_true",
+                       help="keep checkpointed activations in CPU memory (with --gradient_checkpointing)")
+    group.add_argument("--mem_eff_attn", action="store_true", help="accepted; FLUX attention is always SDPA")
+    group.add_argument("--xformers", action="store_true", help="accepted; FLUX attention is always SDPA")
+    group.add_argument("--torch_compile", action="store_true", help="torch.compile the transformer blocks")
+    group.add_argument("--dynamo_backend", type=str, default="inductor", choices=list(DYNAMO_BACKENDS))
+
+
+def add_continuation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream's scheduler extras, manual restart, base-weight and optimizer shortcut flags."""
+    group = parser.add_argument_group("schedules and continuation")
+    group.add_argument("--lr_scheduler_type", type=str, default="",
+                       help="a torch.optim.lr_scheduler class name or a dotted class path")
+    group.add_argument("--lr_scheduler_args", type=str, default=None, nargs="*", help="key=value ...")
+    group.add_argument("--lr_scheduler_timescale", type=int, default=None, help="inverse_sqrt timescale")
+    group.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
+                       help="cosine_with_min_lr / warmup_stable_decay floor, as a ratio of the LR")
+    group.add_argument("--initial_epoch", type=int, default=None, help="start at this epoch (1-based)")
+    group.add_argument("--initial_step", type=int, default=None, help="start at this step")
+    group.add_argument("--skip_until_initial_step", action="store_true",
+                       help="with --initial_step/--initial_epoch: start at the exact batch (else the epoch start)")
+    group.add_argument("--dim_from_weights", action="store_true", help="take --network_dim from --network_weights")
+    group.add_argument("--base_weights", type=str, default=None, nargs="*",
+                       help="LoRA files merged into the base model before training")
+    group.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*")
+    group.add_argument("--use_8bit_adam", action="store_true", help="same as --optimizer_type AdamW8bit")
+    group.add_argument("--use_lion_optimizer", action="store_true", help="same as --optimizer_type Lion")
+    group.add_argument("--save_n_epoch_ratio", type=int, default=None,
+                       help="save about this many epoch checkpoints in all (overrides --save_every_n_epochs)")
+
+
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+
+
+def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream's caption options (library.captions); dataset.toml keys of the same names win over them."""
+    group = parser.add_argument_group("captions")
+    group.add_argument("--shuffle_caption", action="store_true", help="shuffle the comma-separated tags each step")
+    group.add_argument("--caption_separator", type=str, default=",", help="tag separator (default ,)")
+    group.add_argument("--keep_tokens_separator", type=str, default="",
+                       help="tags before it (and after a second one) stay fixed when shuffling, e.g. |||")
+    group.add_argument("--secondary_separator", type=str, default=None,
+                       help="a separator that keeps tags together while shuffling; becomes caption_separator")
+    group.add_argument("--enable_wildcard", action="store_true",
+                       help="{a|b|c} picks one per step; a multi-line caption file gives one line per step")
+    group.add_argument("--caption_dropout_rate", type=float, default=0.0, help="chance of an empty caption per item")
+    group.add_argument("--caption_dropout_every_n_epochs", type=int, default=0,
+                       help="every Nth epoch trains with empty captions")
+    group.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                       help="chance of dropping each tag (not the keep_tokens ones)")
+
+
+def add_regularisation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream's noise, timestep, Huber, LoRA-dropout and data-weighting options (library.noise etc.)."""
+    group = parser.add_argument_group("regularisation and timesteps")
+    group.add_argument("--noise_offset", type=float, default=None, help="per-channel offset noise strength (~0.1)")
+    group.add_argument("--noise_offset_random_strength", action="store_true",
+                       help="offset strength drawn uniformly from 0..noise_offset each step")
+    group.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise (~0.1)")
+    group.add_argument("--ip_noise_gamma_random_strength", action="store_true",
+                       help="perturbation strength drawn uniformly from 0..ip_noise_gamma each step")
+    group.add_argument("--min_timestep", type=int, default=None, help="lowest timestep trained (0-999, default 0)")
+    group.add_argument("--max_timestep", type=int, default=None, help="highest timestep trained (1-1000, default 1000)")
+    group.add_argument("--huber_schedule", type=str, default=None, choices=list(HUBER_SCHEDULES),
+                       help="Huber/smooth L1 threshold schedule: constant (the default here) or exponential; "
+                            "snr needs a DDPM schedule, which FLUX has not (upstream fails on it too)")
+    group.add_argument("--huber_c", type=float, default=0.1, help="Huber threshold (decay base for exponential)")
+    group.add_argument("--huber_scale", type=float, default=1.0, help="multiplies the Huber threshold")
+    group.add_argument("--network_dropout", type=float, default=None, help="LoRA neuron dropout (0-1), training only")
+    group.add_argument("--scale_weight_norms", type=float, default=None,
+                       help="max norm of each LoRA module's weight (~1.0); shown in the progress bar")
+    group.add_argument("--reg_data_dir", type=str, default=None,
+                       help="regularisation images, <repeats>_<class> folders")
+    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
+    group.add_argument("--dataset_repeats", type=int, default=1, help="num_repeats where nothing else sets it")
+    group.add_argument("--alpha_mask", action="store_true", help="use each image's alpha channel as a loss mask")
+    group.add_argument("--masked_loss", action="store_true",
+                       help="weight the loss by the alpha mask (needs alpha_mask)")
+    group.add_argument("--resize_interpolation", type=str, default=None, choices=list(RESIZE_INTERPOLATIONS),
+                       help="resampling used to resize images to their bucket (default: lanczos)")
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream's Hugging Face Hub options (library.hub_sync over library.huggingface_util)."""
+    group = parser.add_argument_group("hugging face hub")
+    group.add_argument("--huggingface_repo_id", type=str, default=None, help="upload each saved LoRA to user/name")
+    group.add_argument("--huggingface_repo_type", type=str, default=None, help="model (default), dataset or space")
+    group.add_argument("--huggingface_path_in_repo", type=str, default=None, help="folder inside the repository")
+    group.add_argument("--huggingface_token", type=str, default=None, help="access token (default: the saved login)")
+    group.add_argument("--huggingface_repo_visibility", type=str, default=None,
+                       help="public (default) or private, for a repository created by the upload")
+    group.add_argument("--save_state_to_huggingface", action="store_true", help="upload state folders too")
+    group.add_argument("--resume_from_huggingface", action="store_true",
+                       help="--resume names a Hub folder: user/name/path[:revision]")
+    group.add_argument("--async_upload", action="store_true", help="upload in the background while training goes on")
 
 
 def add_unsupported_arguments(parser: argparse.ArgumentParser) -> None:

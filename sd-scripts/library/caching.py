@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from library import console_markers
-from library.dataset import TE_KEYS, ImageItem, TrainDataset, load_image_tensor, resize_plan
+from library.dataset import TE_KEYS, ImageItem, TrainDataset, load_alpha_mask, load_image_tensor, resize_plan
 from library.npz_io import CacheReadTimeout, atomic_savez, bounded_npz_load, remove_stale_temps
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class LatentCache:
     io_timeout: float | None = None
     memory: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     disk: dict[int, tuple[Path, str]] = field(default_factory=dict)
+    alpha_masks: dict[int, np.ndarray] = field(default_factory=dict)  # latent-size loss masks (alpha_mask)
 
     def latents_for(self, index: int, flipped: bool = False) -> np.ndarray:
         name = "latents_flipped" if flipped else "latents"
@@ -119,6 +120,8 @@ class LatentCache:
 def _image_fingerprint(item: ImageItem, encoder_fingerprint: str) -> str:
     digest = hashlib.sha256(item.image_path.read_bytes())
     digest.update(f"|bucket={item.bucket_reso[0]}x{item.bucket_reso[1]}|encoder={encoder_fingerprint}".encode())
+    if item.resize_interpolation:  # absent for the default, so caches made before the option stay valid
+        digest.update(f"|interp={item.resize_interpolation}".encode())
     return digest.hexdigest()
 
 
@@ -219,6 +222,7 @@ def cache_latents(dataset: TrainDataset, encode_fn: Callable[[torch.Tensor], tor
                 bar.update(len(chunk))
     reused = len(dataset.items) - sum(map(len, todo.values()))
     logger.info("latents: %d encoded, %d reused from disk", len(todo), reused)
+    cache.alpha_masks = {i: load_alpha_mask(item) for i, item in enumerate(dataset.items) if item.alpha_mask}
     return cache
 
 

@@ -113,6 +113,7 @@ def save_state_folder(
     current_epoch_1based: int,
     run_id: int | None = None,
     ops: atomic_io.FsOps | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Write an upstream-layout state folder under a temp name and publish it complete (manifest last)."""
     final_dir = Path(final_dir)
@@ -139,6 +140,8 @@ def save_state_folder(
                 "run_id": run_id,
                 "resume_settings": _jsonable(resume_settings),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                # what other modules record with a state (validation loss, tracker loss window); never core keys
+                **{k: v for k, v in (extra or {}).items() if v},
             }
         )
     return final_dir

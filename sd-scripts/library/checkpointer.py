@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from library import checkpoint_io, checkpoint_validation, console_markers, metadata
+from library import checkpoint_io, checkpoint_validation, console_markers, metadata, validation
 from library.train_session import RunControl, TrainSession
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ class Checkpointer:
         if not s.is_main:
             return
         name, out, pos = self.save_settings.output_name, self.save_settings.output_dir, s.pos
+        record = control.validator.checkpoint_record(s) if control.validator else {}  # validation loss now
+        if control.tracker is not None:
+            control.tracker.flush()
         previous_phase = control.phase
         control.set_phase("saving", f"saving {kind} checkpoint")
         # FIX: saving had no bound (a stuck disk or network share froze the run); saves are atomic, so ending
@@ -68,13 +71,16 @@ class Checkpointer:
             file_name = checkpoint_validation.lora_file_name(name, **number)
             state_name = checkpoint_validation.state_dir_name(name, **number)
             if with_state:
-                self.write_state(out / state_name, kind)
+                self.write_state(out / state_name, kind, record)
             meta = metadata.metadata_for_save(s.opt.base_metadata, step=pos.step, epoch=s.completed_epochs(),
                                               model_hash=s.models.hasher.value, minimal=self.save_settings.no_metadata)
             meta.update(self.run_metadata())
+            meta.update(validation.lora_metadata(record))
             print(console_markers.SAVING_CHECKPOINT.format(path=out / file_name))
             checkpoint_io.save_lora_file(out / file_name, self.lora_tensors(), meta)
             self.rotate()
+        if control.hub is not None:
+            control.hub.after_save(out / file_name, out / state_name if with_state else None, final=kind == "last")
         control.set_phase(previous_phase if previous_phase != "saving" else "training")
 
     def run_metadata(self) -> dict[str, str]:
@@ -91,7 +97,7 @@ class Checkpointer:
             return pos.epoch
         return pos.epoch + 1
 
-    def write_state(self, final_dir: Path, kind: str) -> None:
+    def write_state(self, final_dir: Path, kind: str, validation_record: dict | None = None) -> None:
         s = self.session
         pos = s.pos
         what = f"step {pos.step}" if kind == "step" else f"epoch {pos.epoch}"
@@ -100,7 +106,9 @@ class Checkpointer:
             final_dir, accelerator=s.accelerator, output_name=self.save_settings.output_name, step=pos.step,
             epoch=s.completed_epochs(), data_position={"epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch},
             resume_settings=s.settings.resume_settings(), args_digest=s.settings.args_digest(),
-            current_epoch_1based=self.upstream_current_epoch(), run_id=s.run.run_id if s.run else None)
+            current_epoch_1based=self.upstream_current_epoch(), run_id=s.run.run_id if s.run else None,
+            extra={"validation": validation_record,
+                   "loss_recorder": self.control.tracker.recorder.state() if self.control.tracker else None})
         self.control.heartbeat.checkpoint(str(final_dir))
 
     def rotate(self) -> None:

@@ -49,7 +49,8 @@ def read_config_values(parser: argparse.ArgumentParser, config_path: str) -> dic
     unsupported = {f.lstrip("-") for f in UNSUPPORTED_FLAGS}
     for key in values:
         if key in unsupported:
-            raise ConfigFileError(f"--config_file {path}: key `{key}`: " + UNSUPPORTED_MESSAGE.format(flag="--" + key))
+            raise ConfigFileError(f"--config_file {path}: key `{key}`: " + UNSUPPORTED_MESSAGE.format(
+                flag="--" + key, reason=UNSUPPORTED_FLAGS["--" + key]))
         if key not in dests or key == "config_file":
             raise ConfigFileError(f"--config_file {path}: unknown key `{key}` (not a flag of this trainer); "
                                   "remove it or fix its spelling")

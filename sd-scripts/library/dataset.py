@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from library import captions
 from library.errors import BadFileError
 from library.dataset_config import IMAGE_EXTENSIONS, DatasetBlueprint, SubsetBlueprint
 from library.fault_injection import inject_point
@@ -45,6 +47,11 @@ class ImageItem:
     num_repeats: int
     dataset_index: int = 0
     batch_size: int = 1
+    caption_options: captions.CaptionOptions = captions.CaptionOptions()
+    is_reg: bool = False
+    loss_weight: float = 1.0  # --prior_loss_weight for regularisation images
+    alpha_mask: bool = False
+    resize_interpolation: str | None = None
 
 
 def _name_list(paths: Sequence[Path]) -> str:
@@ -102,27 +109,51 @@ def resize_plan(original_size: tuple[int, int], bucket: tuple[int, int]
     return (rw, rh), (left, top, left + bw, top + bh)
 
 
-def load_image_tensor(item: ImageItem, *, flip: bool = False) -> torch.Tensor:
-    """The item's image resized/cropped to its bucket as float32 [3, H, W] in [-1, 1]."""
+# --resize_interpolation names -> PIL filters (area: PIL's box filter, the same averaging when shrinking)
+RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
+              "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
+              "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+              "area": Image.Resampling.BOX, "box": Image.Resampling.BOX}
+
+
+def _load_resized(item: ImageItem, mode: str) -> Image.Image:
     (rw, rh), crop = resize_plan(item.original_size, item.bucket_reso)
     try:
         with Image.open(item.image_path) as img:
-            img = img.convert("RGB")
+            img = img.convert(mode)
             if img.size != (rw, rh):
-                img = img.resize((rw, rh), Image.Resampling.LANCZOS)
-            img = img.crop(crop)
+                img = img.resize((rw, rh), RESAMPLING[item.resize_interpolation or "lanczos"])
+            return img.crop(crop)
     except OSError as exc:
         raise DatasetError(f"cannot read image {item.image_path}: {exc}") from exc
+
+
+def load_image_tensor(item: ImageItem, *, flip: bool = False) -> torch.Tensor:
+    """The item's image resized/cropped to its bucket as float32 [3, H, W] in [-1, 1]."""
+    img = _load_resized(item, "RGB")
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
     return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
+def load_alpha_mask(item: ImageItem) -> np.ndarray:
+    """The alpha channel in [0, 1], resized/cropped like the image and area-averaged to latent size (bucket / 8),
+    the size upstream's masked loss area-resizes it to. An image without alpha gives ones (as upstream)."""
+    with Image.open(item.image_path) as probe:
+        has_alpha = "A" in probe.getbands() or "transparency" in probe.info
+    width, height = item.bucket_reso
+    if not has_alpha:
+        return np.ones((height // 8, width // 8), dtype=np.float32)
+    alpha = torch.from_numpy(np.asarray(_load_resized(item, "RGBA"), dtype=np.float32)[:, :, 3].copy()) / 255.0
+    small = torch.nn.functional.interpolate(alpha[None, None], size=(height // 8, width // 8), mode="area")
+    return small[0, 0].numpy()
+
+
 # ---------------------------------------------------------------- building items
 
 
-def _read_caption(image: Path, ext: str) -> str | None:
+def _read_caption(image: Path, ext: str, all_lines: bool = False) -> str | None:
     path = image.with_name(image.stem + ext)
     if not path.is_file():
         return None
@@ -131,15 +162,18 @@ def _read_caption(image: Path, ext: str) -> str | None:
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot read caption file {path} as UTF-8: {exc}") from exc
     lines = text.strip().splitlines()
+    if all_lines:  # enable_wildcard: one line is chosen per step (upstream joins the non-empty lines)
+        return "\n".join(line.strip() for line in lines if line.strip()) or None
     # as upstream: the first line is the caption
     return lines[0].strip() if lines else None
 
 
-def _subset_items(sub: SubsetBlueprint, bp: DatasetBlueprint, ds_index: int, buckets, uncaptioned: list) -> list:
+def _subset_items(sub: SubsetBlueprint, bp: DatasetBlueprint, ds_index: int, buckets, uncaptioned: list,
+                  prior_loss_weight: float = 1.0) -> list:
     images = sorted(p for p in sub.image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     items, missing = [], []
     for path in images:
-        caption = _read_caption(path, sub.caption_extension)
+        caption = _read_caption(path, sub.caption_extension, sub.caption_options.enable_wildcard)
         if caption is None:
             if not sub.class_tokens:
                 missing.append(path)
@@ -155,8 +189,11 @@ def _subset_items(sub: SubsetBlueprint, bp: DatasetBlueprint, ds_index: int, buc
                 size = img.size  # header only
         except OSError as exc:
             raise DatasetError(f"cannot read image {path}: {exc}") from exc
+        if sub.caption_options.is_static:  # the same every step: process once (and cache its encoding)
+            caption = captions.static_caption(caption, sub.caption_options)
         items.append(ImageItem(path, caption, bucket_for(size, bp, buckets), size, sub.flip_aug,
-                               sub.num_repeats, ds_index, bp.batch_size))
+                               sub.num_repeats, ds_index, bp.batch_size, sub.caption_options, sub.is_reg,
+                               prior_loss_weight if sub.is_reg else 1.0, sub.alpha_mask, sub.resize_interpolation))
     if missing:
         raise DatasetError(
             f"no caption file ({sub.caption_extension}) and no class_tokens for {len(missing)} image(s) in "
@@ -165,7 +202,44 @@ def _subset_items(sub: SubsetBlueprint, bp: DatasetBlueprint, ds_index: int, buc
     return items
 
 
-def build_dataset(blueprints: Sequence[DatasetBlueprint], *, seed: int) -> "TrainDataset":
+def balance_reg_items(items: list[ImageItem]) -> list[ImageItem]:
+    """Upstream's DreamBooth rule, per dataset: regularisation images are shown exactly as often as the training
+    images (with repeats) each epoch: taken in order with their repeats until that count is reached, then one more
+    repeat each, round-robin. Reg images beyond the count are not used (a warning says so)."""
+    result: list[ImageItem] = []
+    for ds_index in sorted({item.dataset_index for item in items}):
+        group = [item for item in items if item.dataset_index == ds_index]
+        train = [item for item in group if not item.is_reg]
+        reg = [item for item in group if item.is_reg]
+        result += train
+        target = sum(item.num_repeats for item in train)
+        if not reg:
+            continue
+        if not target:
+            raise DatasetError("the dataset has only regularisation images (is_reg / --reg_data_dir); add training "
+                               "images")
+        chosen: list[ImageItem] = []
+        count = 0
+        for item in reg:
+            if count >= target:
+                break
+            chosen.append(item)
+            count += item.num_repeats
+        extra = [0] * len(chosen)
+        k = 0
+        while count < target:
+            extra[k % len(chosen)] += 1
+            count += 1
+            k += 1
+        if len(chosen) < len(reg):
+            logger.warning("%d of %d regularisation images are not used: there are more of them than training "
+                           "images (with repeats), as upstream", len(reg) - len(chosen), len(reg))
+        result += [dataclasses.replace(item, num_repeats=item.num_repeats + n) for item, n in zip(chosen, extra)]
+    return result
+
+
+def build_dataset(blueprints: Sequence[DatasetBlueprint], *, seed: int, prior_loss_weight: float = 1.0
+                  ) -> "TrainDataset":
     items: list[ImageItem] = []
     uncaptioned: list[Path] = []
     for ds_index, bp in enumerate(blueprints):
@@ -178,12 +252,14 @@ def build_dataset(blueprints: Sequence[DatasetBlueprint], *, seed: int) -> "Trai
                     f"{bp.source}; lower min_bucket_reso or raise resolution"
                 )
         for sub in bp.subsets:
-            items.extend(_subset_items(sub, bp, ds_index, buckets, uncaptioned))
+            items.extend(_subset_items(sub, bp, ds_index, buckets, uncaptioned, prior_loss_weight))
     if uncaptioned:
         logger.warning("%d image(s) have no caption file; using class_tokens for: %s",
                        len(uncaptioned), _name_list(uncaptioned))
     if not items:
         raise DatasetError("the dataset has no images")
+    if any(item.is_reg for item in items):
+        items = balance_reg_items(items)
     return TrainDataset(items, seed=seed)
 
 
@@ -196,7 +272,7 @@ def _flip_choice(seed: int, epoch: int, index: int) -> bool:
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Indexed by `(epoch, item_index)` tuples produced by `batches_for_epoch`."""
+    """Indexed by `(epoch, item_index, repeat)` keys from `batches_for_epoch` (`(epoch, item_index)` also works)."""
 
     def __init__(self, items: Sequence[ImageItem], *, seed: int):
         self.items = list(items)
@@ -216,8 +292,12 @@ class TrainDataset(torch.utils.data.Dataset):
 
     @property
     def num_train_images(self) -> int:
-        """Images times repeats: what one epoch shows the model."""
-        return sum(item.num_repeats for item in self.items)
+        """Training images times repeats (regularisation images not counted, as upstream)."""
+        return sum(item.num_repeats for item in self.items if not item.is_reg)
+
+    @property
+    def num_reg_images(self) -> int:
+        return sum(1 for item in self.items if item.is_reg)
 
     @property
     def bucket_counts(self) -> dict[tuple[int, int], int]:
@@ -226,15 +306,15 @@ class TrainDataset(torch.utils.data.Dataset):
             counts[item.bucket_reso] = counts.get(item.bucket_reso, 0) + item.num_repeats
         return dict(sorted(counts.items()))
 
-    def batches_for_epoch(self, epoch: int) -> list[list[tuple[int, int]]]:
-        """Every batch of `epoch` in order; a pure function of (seed, epoch)."""
+    def batches_for_epoch(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+        """Every batch of `epoch` in order, as (epoch, item, repeat) keys; a pure function of (seed, epoch)."""
         rng = np.random.default_rng([self.seed % 2**63, int(epoch)])
         batches = []
         for key in sorted(self._groups):  # sorted: dict order must not leak into the result
-            indices = [i for i in self._groups[key] for _ in range(self.items[i].num_repeats)]
+            indices = [(i, r) for i in self._groups[key] for r in range(self.items[i].num_repeats)]
             shuffled = [indices[k] for k in rng.permutation(len(indices))]
-            size = self.items[indices[0]].batch_size
-            batches += [[(epoch, i) for i in shuffled[s:s + size]] for s in range(0, len(shuffled), size)]
+            size = self.items[indices[0][0]].batch_size
+            batches += [[(epoch, i, r) for i, r in shuffled[s:s + size]] for s in range(0, len(shuffled), size)]
         return [batches[k] for k in rng.permutation(len(batches))]
 
     def is_flipped(self, epoch: int, index: int) -> bool:
@@ -245,18 +325,30 @@ class TrainDataset(torch.utils.data.Dataset):
         self.latent_cache = latents
         self.te_cache = te
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
+    def caption_for(self, epoch: int, index: int, occurrence: int = 0) -> str:
+        """The caption of item `index` at this place of the run (library.captions; fixed when static)."""
+        item = self.items[index]
+        if item.caption_options.is_static:
+            return item.caption
+        rng = captions.caption_rng(self.seed, epoch, index, occurrence)
+        return captions.process_caption(item.caption, item.caption_options, rng, epoch=epoch + 1)
+
+    def __getitem__(self, key: tuple) -> dict:
         inject_point("dataloader")
-        epoch, index = key
+        epoch, index, *rest = key
         if self.latent_cache is None:
             raise RuntimeError("TrainDataset: latents are not cached; call caching.cache_latents and set_caches first")
         flipped = self.is_flipped(epoch, index)
         sample = {
             "index": index,
-            "caption": self.items[index].caption,
+            "caption": self.caption_for(epoch, index, rest[0] if rest else 0),
+            "loss_weight": self.items[index].loss_weight,
             "flipped": flipped,
             "latents": torch.from_numpy(np.asarray(self.latent_cache.latents_for(index, flipped), dtype=np.float32)),
         }
+        alpha = getattr(self.latent_cache, "alpha_masks", {}).get(index)
+        if alpha is not None:
+            sample["alpha_mask"] = torch.from_numpy(np.ascontiguousarray(alpha[:, ::-1] if flipped else alpha))
         if self.te_cache is not None:
             for name, value in self.te_cache.outputs_for(index).items():
                 sample[name] = torch.from_numpy(np.asarray(value))
@@ -270,8 +362,12 @@ def collate(samples: Sequence[dict]) -> dict:
         "captions": [s["caption"] for s in samples],
         "indices": [s["index"] for s in samples],
         "flipped": [s["flipped"] for s in samples],
+        "loss_weights": torch.tensor([float(s.get("loss_weight", 1.0)) for s in samples]),
     }
     for name in TE_KEYS:
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
+    if any("alpha_mask" in s for s in samples):  # a sample without one counts fully (a mask of ones)
+        shape = next(s["alpha_mask"].shape for s in samples if "alpha_mask" in s)
+        batch["alpha_masks"] = torch.stack([s.get("alpha_mask", torch.ones(shape)) for s in samples])
     return batch

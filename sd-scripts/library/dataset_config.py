@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from library.captions import CaptionOptions
 from library.errors import BadFileError
 
 try:
@@ -39,11 +40,15 @@ class SubsetBlueprint:
     num_repeats: int = 1
     class_tokens: str | None = None
     caption_extension: str = ".caption"
-    keep_tokens: int = 0  # accepted for compatibility; only matters with shuffle_caption, which is off
+    keep_tokens: int = 0  # fixed leading tags with shuffle_caption / caption_tag_dropout_rate
     caption_prefix: str | None = None
     caption_suffix: str | None = None
     flip_aug: bool = False
     source: str = ""  # where this subset was defined, for messages
+    caption_options: CaptionOptions = CaptionOptions()
+    is_reg: bool = False  # regularisation (prior-preservation) images: loss weighted by --prior_loss_weight
+    alpha_mask: bool = False  # the image's alpha channel weights the loss (masked loss)
+    resize_interpolation: str | None = None  # PIL resampling name; None: lanczos
 
 
 @dataclass(frozen=True)
@@ -78,35 +83,37 @@ SUBSET_KEYS: dict[str, tuple[str, Any]] = {
     "caption_prefix": ("str", None),
     "caption_suffix": ("str", None),
     "flip_aug": ("bool", False),
-    "caption_separator": ("str", ","),  # only used by shuffling, which is off
+    "caption_separator": ("str", ","),
     "cache_info": ("bool", False),  # upstream's metadata cache; nothing to cache here
+    "shuffle_caption": ("bool", False),
+    "keep_tokens_separator": ("str", ""),
+    "secondary_separator": ("str", None),
+    "enable_wildcard": ("bool", False),
+    "caption_dropout_rate": ("rate", 0.0),
+    "caption_dropout_every_n_epochs": ("nonneg_int", 0),
+    "caption_tag_dropout_rate": ("rate", 0.0),
+    "resize_interpolation": ("interpolation", None),
 }
-SUBSET_ONLY_KEYS: dict[str, tuple[str, Any]] = {"image_dir": ("str", None)}
+SUBSET_ONLY_KEYS: dict[str, tuple[str, Any]] = {"image_dir": ("str", None), "is_reg": ("bool", False),
+                                                "alpha_mask": ("bool", False)}
+INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+CAPTION_KEYS = ("shuffle_caption", "keep_tokens", "keep_tokens_separator", "caption_separator", "secondary_separator",
+                "enable_wildcard", "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate")
 
 # Keys upstream understands that we do not implement: allowed only at their default value.
 UNSUPPORTED_DATASET_KEYS = {
     "network_multiplier": 1.0,
     "validation_split": 0.0,
     "validation_seed": None,
-    "resize_interpolation": None,
 }
 UNSUPPORTED_SUBSET_KEYS = {
-    "shuffle_caption": False,
-    "keep_tokens_separator": "",
-    "secondary_separator": None,
-    "enable_wildcard": False,
     "token_warmup_min": 1,
     "token_warmup_step": 0,
     "color_aug": False,
     "random_crop": False,
     "face_crop_aug_range": None,
-    "caption_dropout_rate": 0.0,
-    "caption_dropout_every_n_epochs": 0,
-    "caption_tag_dropout_rate": 0.0,
 }
 UNSUPPORTED_SUBSET_ONLY_KEYS = {
-    "is_reg": False,
-    "alpha_mask": False,
     "metadata_file": None,
     "conditioning_data_dir": None,
     "custom_attributes": None,
@@ -160,6 +167,15 @@ def _check_value(key: str, value: Any, kind: str, where: str) -> Any:
         return None
     if kind == "resolution":
         return parse_resolution(value, where)
+    if kind == "interpolation":
+        if value not in INTERPOLATIONS:
+            raise DatasetConfigError(f"{key} in {where} must be one of {', '.join(INTERPOLATIONS)}, got {value!r}")
+        return value
+    if kind == "rate":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+        if not ok:
+            raise DatasetConfigError(f"{key} in {where} must be a number from 0 to 1, got {value!r}")
+        return float(value)
     if kind == "bool":
         ok = isinstance(value, bool)
     elif kind in ("pos_int", "nonneg_int"):
@@ -249,7 +265,14 @@ def _build_subset(lookup: _Lookup, image_dir: Any, where: str) -> SubsetBlueprin
     if ext and not ext.startswith("."):
         ext = "." + ext  # "txt" would otherwise look for "img0txt"
     values["caption_extension"] = ext
-    return SubsetBlueprint(image_dir=_check_image_dir(image_dir, where), source=where, **values)
+    options = {key: values["keep_tokens"] if key == "keep_tokens" else lookup.get(key, *SUBSET_KEYS[key])[0]
+               for key in CAPTION_KEYS}
+    if not options["caption_separator"]:
+        raise DatasetConfigError(f"caption_separator in {where} must not be empty")
+    extras = {key: lookup.get(key, *SUBSET_ONLY_KEYS[key])[0] for key in ("is_reg", "alpha_mask")}
+    extras["resize_interpolation"] = lookup.get("resize_interpolation", *SUBSET_KEYS["resize_interpolation"])[0]
+    return SubsetBlueprint(image_dir=_check_image_dir(image_dir, where), source=where,
+                           caption_options=CaptionOptions(**options), **extras, **values)
 
 
 def _resolve_resolution(lookup: _Lookup, where: str) -> tuple[int, int]:
@@ -344,23 +367,63 @@ def load_dataset_config(path: str | Path, *, cli: Mapping[str, Any] | None = Non
 _KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
-def blueprints_from_train_data_dir(train_data_dir: str | Path, *, cli: Mapping[str, Any] | None = None
-                                   ) -> list[DatasetBlueprint]:
-    """kohya layout: `<train_data_dir>/<repeats>_<class tokens>/` folders, one subset each."""
-    root = Path(train_data_dir).expanduser()
-    where = f"--train_data_dir {root}"
-    if not root.is_dir():
-        raise DatasetConfigError(f"{where} is not a directory")
-    cli_layer = (_normalize_cli(cli), "the command line")
-    _check_cli_unsupported(cli_layer[0])
+def _kohya_subsets(root: Path, where: str, cli_layer, *, is_reg: bool) -> list[SubsetBlueprint]:
     subsets = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         match = _KOHYA_DIR.match(folder.name)
         if not match:
             logger.warning("ignoring %s: folder names must look like <repeats>_<name> (e.g. 10_mychar)", folder)
             continue
-        layer = ({"num_repeats": int(match.group(1)), "class_tokens": match.group(2)}, f"folder {folder}")
+        layer = ({"num_repeats": int(match.group(1)), "class_tokens": match.group(2), "is_reg": is_reg},
+                 f"folder {folder}")
         subsets.append(_build_subset(_Lookup([layer, cli_layer]), str(folder), f"folder {folder} of {where}"))
+    return subsets
+
+
+def blueprints_from_train_data_dir(train_data_dir: str | Path, *, cli: Mapping[str, Any] | None = None,
+                                   reg_data_dir: str | Path | None = None) -> list[DatasetBlueprint]:
+    """kohya layout: `<train_data_dir>/<repeats>_<class tokens>/` folders, one subset each; the same layout under
+    `--reg_data_dir` gives regularisation subsets."""
+    root = Path(train_data_dir).expanduser()
+    where = f"--train_data_dir {root}"
+    if not root.is_dir():
+        raise DatasetConfigError(f"{where} is not a directory")
+    cli_layer = (_normalize_cli(cli), "the command line")
+    _check_cli_unsupported(cli_layer[0])
+    subsets = _kohya_subsets(root, where, cli_layer, is_reg=False)
     if not subsets:
         raise DatasetConfigError(f"{where} has no <repeats>_<name> folders with images")
+    if reg_data_dir:
+        reg_root = Path(reg_data_dir).expanduser()
+        reg_where = f"--reg_data_dir {reg_root}"
+        if not reg_root.is_dir():
+            raise DatasetConfigError(f"{reg_where} is not a directory")
+        reg_subsets = _kohya_subsets(reg_root, reg_where, cli_layer, is_reg=True)
+        if not reg_subsets:
+            raise DatasetConfigError(f"{reg_where} has no <repeats>_<name> folders with images")
+        subsets += reg_subsets
     return [_build_dataset(_Lookup([cli_layer]), tuple(subsets), where)]
+
+
+def check_text_encoder_cache(blueprints: list[DatasetBlueprint], data) -> None:
+    """Upstream's rule: a caption option that changes the caption every step cannot use cached encoder outputs."""
+    if not data.cache_text_encoder_outputs:
+        return
+    from library.captions import per_step_options
+
+    flag = ("--cache_text_encoder_outputs_to_disk" if data.cache_text_encoder_outputs_to_disk
+            else "--cache_text_encoder_outputs")
+    for bp in blueprints:
+        for sub in bp.subsets:
+            names = per_step_options(sub.caption_options)
+            if names:
+                raise DatasetConfigError(
+                    f"{names[0]} (set for {sub.source}) changes the caption every step, but {flag} encodes each "
+                    f"caption once: remove one of them (as upstream)")
+
+
+def check_masked_loss(blueprints: list[DatasetBlueprint], masked_loss: bool) -> None:
+    """--masked_loss weights the loss by alpha masks here; without any alpha_mask subset there is nothing to use."""
+    if masked_loss and not any(sub.alpha_mask for bp in blueprints for sub in bp.subsets):
+        raise DatasetConfigError("--masked_loss needs alpha masks: set alpha_mask = true in a subset or pass "
+                                 "--alpha_mask (mask images from conditioning_data_dir are not supported)")

@@ -2,8 +2,9 @@
 
 Timestep sampling (`--timestep_sampling` sigma/uniform/sigmoid/shift/flux_shift), the
 `--weighting_scheme` density and loss weighting, `--model_prediction_type` and the
-`--loss_type` losses. Pure tensor functions: every random draw takes an explicit
-generator, which is what makes a resumed run bit-identical to an uninterrupted one.
+`--loss_type` losses, plus upstream's `--noise_offset`, `--ip_noise_gamma` (and their random strengths),
+`--min_timestep`/`--max_timestep` and the `--huber_schedule` threshold. Pure tensor functions: every random
+draw takes an explicit generator, which is what makes a resumed run bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -51,8 +52,31 @@ def shifted_sigmas(shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def training_noise(shape: tuple, flow, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise, plus upstream's --noise_offset: a per-(sample, channel) constant offset * N(0, 1),
+    its strength drawn from U(0, noise_offset) once per step with --noise_offset_random_strength."""
+    noise = torch.randn(shape, generator=generator)
+    offset = getattr(flow, "noise_offset", 0.0)
+    if offset:
+        strength = torch.rand(1, generator=generator) * offset if flow.noise_offset_random_strength else offset
+        noise = noise + strength * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    return noise
+
+
+def timestep_range(flow) -> tuple[float, float] | None:
+    """(t_min, t_max) in [0, 1] from --min_timestep/--max_timestep, None when the full range is trained."""
+    lo, hi = getattr(flow, "min_timestep", None), getattr(flow, "max_timestep", None)
+    if lo is None and hi is None:
+        return None
+    return (lo or 0) / NUM_TRAIN_TIMESTEPS, (NUM_TRAIN_TIMESTEPS if hi is None else hi) / NUM_TRAIN_TIMESTEPS
+
+
 def sample_noised(latents: torch.Tensor, noise: torch.Tensor, flow, generator: torch.Generator) -> NoisedBatch:
-    """Draw timesteps per --timestep_sampling and mix latents with noise: x_t = (1 - s) x0 + s n."""
+    """Draw timesteps per --timestep_sampling and mix latents with noise: x_t = (1 - s) x0 + s n.
+
+    --min_timestep/--max_timestep map the drawn t in [0, 1] linearly onto [min, max] / 1000 (the rule upstream's
+    SD3 path uses). --ip_noise_gamma perturbs only the model input: x_t = (1 - s) x0 + s (n + gamma xi), the
+    target keeps n (upstream's FLUX formula); with random strength gamma ~ U(0, gamma) once per step."""
     batch = latents.shape[0]
     kind = flow.timestep_sampling
     if kind == "sigma":
@@ -72,7 +96,24 @@ def sample_noised(latents: torch.Tensor, noise: torch.Tensor, flow, generator: t
             seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
             t = _time_shift(flux_mu(seq_len), t)
         sig = t
+    bounds = timestep_range(flow)
+    if bounds is not None:
+        sig = sig * (bounds[1] - bounds[0]) + bounds[0]
     sigmas = sig.to(latents.device, torch.float32).view(-1, 1, 1, 1)
+    mixed_noise = noise.float()
+    gamma = getattr(flow, "ip_noise_gamma", 0.0)
+    if gamma:
+        xi = torch.randn(latents.shape, generator=generator).to(latents.device, torch.float32)
+        if flow.ip_noise_gamma_random_strength:
+            gamma = (torch.rand(1, generator=generator) * gamma).to(latents.device)
+        mixed_noise = mixed_noise + gamma * xi
+    noisy = (1.0 - sigmas) * latents.float() + sigmas * mixed_noise
+    return NoisedBatch(noisy=noisy.to(latents.dtype), timesteps=sigmas.view(-1) * NUM_TRAIN_TIMESTEPS, sigmas=sigmas)
+
+
+def noised_at(latents: torch.Tensor, noise: torch.Tensor, sigma: float) -> NoisedBatch:
+    """The batch noised at one fixed sigma (validation): x_t = (1 - s) x0 + s n, timestep = s * 1000."""
+    sigmas = torch.full((latents.shape[0], 1, 1, 1), float(sigma), device=latents.device, dtype=torch.float32)
     noisy = (1.0 - sigmas) * latents.float() + sigmas * noise.float()
     return NoisedBatch(noisy=noisy.to(latents.dtype), timesteps=sigmas.view(-1) * NUM_TRAIN_TIMESTEPS, sigmas=sigmas)
 
@@ -96,19 +137,49 @@ def apply_prediction_type(pred: torch.Tensor, noised: NoisedBatch, flow) -> tupl
     return scaled, loss_weighting(flow.weighting_scheme, noised.sigmas)
 
 
+def huber_threshold(flow, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-sample Huber threshold c for --huber_schedule (timesteps in [0, 1000]), as upstream:
+    constant: huber_c * huber_scale; exponential: huber_scale * exp(ln(huber_c) * t / 1000), i.e. huber_scale
+    at t=0 falling to huber_c * huber_scale at t=1000."""
+    c = getattr(flow, "huber_c", HUBER_C)
+    scale = getattr(flow, "huber_scale", 1.0)
+    t = timesteps.float()
+    if getattr(flow, "huber_schedule", "constant") == "exponential":
+        alpha = -math.log(c) / NUM_TRAIN_TIMESTEPS
+        return torch.exp(-alpha * t) * scale
+    return torch.full_like(t, c * scale)
+
+
+def masked(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Upstream's masked loss: the (B, H, W) mask area-resized to the loss's (h, w), multiplied in."""
+    mask = mask.to(loss.device, loss.dtype).unsqueeze(1)
+    return loss * torch.nn.functional.interpolate(mask, size=loss.shape[2:], mode="area")
+
+
 def flow_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
-              weighting: torch.Tensor | None = None) -> torch.Tensor:
+              weighting: torch.Tensor | None = None, *, huber_c: torch.Tensor | float | None = None,
+              mask: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss of a batch: element loss, times weighting, times mask, mean per sample, times sample weights
+    (--prior_loss_weight), mean over the batch (upstream's order)."""
     pred, target = pred.float(), target.float()
+    c = HUBER_C if huber_c is None else huber_c
+    if isinstance(c, torch.Tensor):
+        c = c.to(pred.device, torch.float32).view(-1, 1, 1, 1)
     if loss_type == "l2":
         loss = (pred - target) ** 2
     elif loss_type == "l1":
         loss = (pred - target).abs()
     elif loss_type == "huber":
-        loss = 2 * HUBER_C * (torch.sqrt((pred - target) ** 2 + HUBER_C ** 2) - HUBER_C)
+        loss = 2 * c * (torch.sqrt((pred - target) ** 2 + c ** 2) - c)
     elif loss_type == "smooth_l1":
-        loss = 2 * (torch.sqrt((pred - target) ** 2 + HUBER_C ** 2) - HUBER_C)
+        loss = 2 * (torch.sqrt((pred - target) ** 2 + c ** 2) - c)
     else:
         raise ValueError(f"--loss_type {loss_type}: expected l1, l2, huber or smooth_l1")
     if weighting is not None:
         loss = loss * weighting
-    return loss.mean(dim=(1, 2, 3)).mean()
+    if mask is not None:
+        loss = masked(loss, mask)
+    loss = loss.mean(dim=(1, 2, 3))
+    if sample_weights is not None:
+        loss = loss * sample_weights.to(loss.device, loss.dtype)
+    return loss.mean()

@@ -101,7 +101,7 @@ def build_training_metadata(settings, *, optimizer_name: str, num_train_images: 
         "ss_network_alpha": _str(raw.get("network_alpha", net.alpha)),
         "ss_network_dropout": "None",
         "ss_mixed_precision": run.mixed_precision,
-        "ss_full_fp16": "False",
+        "ss_full_fp16": str(settings.precision.full_fp16),
         "ss_v2": "False",
         "ss_base_model_version": "flux1",
         "ss_clip_skip": "None",
@@ -138,7 +138,22 @@ def build_training_metadata(settings, *, optimizer_name: str, num_train_images: 
     if legacy_model_hash:
         meta["ss_sd_model_hash"] = legacy_model_hash
     meta.update(dataset_statistics(items))
+    meta.update(option_metadata(settings, items))
     meta.update(_modelspec(settings, is_schnell))
+    return meta
+
+
+def option_metadata(settings, items=()) -> dict[str, str]:
+    """Upstream's ss_* keys for the caption, noise, Huber, dropout and data flags (as str(value), like upstream;
+    ss_huber_schedule is the schedule actually used)."""
+    raw, flow = settings.raw, settings.flow
+    keys = ("network_dropout", "noise_offset", "noise_offset_random_strength", "ip_noise_gamma",
+            "ip_noise_gamma_random_strength", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+            "caption_tag_dropout_rate", "prior_loss_weight", "scale_weight_norms", "huber_c", "huber_scale",
+            "resize_interpolation", "min_timestep", "max_timestep")
+    meta = {f"ss_{key}": _str(raw.get(key)) for key in keys if key in raw}
+    meta["ss_huber_schedule"] = getattr(flow, "huber_schedule", "constant")
+    meta["ss_num_reg_images"] = str(sum(1 for item in items if getattr(item, "is_reg", False)))
     return meta
 
 
@@ -169,3 +184,12 @@ def metadata_for_save(base: dict[str, str], *, step: int, epoch: int, model_hash
     if minimal:
         meta = {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
     return meta
+
+
+def subset_options(sub) -> dict:
+    """The caption/data options upstream lists per subset in ss_datasets."""
+    opts = sub.caption_options
+    return {"shuffle_caption": opts.shuffle_caption, "keep_tokens": opts.keep_tokens,
+            "keep_tokens_separator": opts.keep_tokens_separator, "secondary_separator": opts.secondary_separator,
+            "enable_wildcard": opts.enable_wildcard, "is_reg": sub.is_reg, "alpha_mask": sub.alpha_mask,
+            "resize_interpolation": sub.resize_interpolation}

@@ -44,6 +44,10 @@ def create_optimizer(settings: OptimizerSettings, param_groups: list[dict]) -> t
         return bnb.optim.AdamW8bit(param_groups, lr=lr, **args)
     if kind == "adafactor":
         return _adafactor(param_groups, lr, args)
+    if kind == "lion":  # --use_lion_optimizer maps here, as upstream
+        import lion_pytorch
+
+        return lion_pytorch.Lion(param_groups, lr=lr, **args)
     if "." in settings.type:
         module_name, _, class_name = settings.type.rpartition(".")
         try:
@@ -77,7 +81,13 @@ def create_scheduler(settings: OptimizerSettings, optimizer, total_steps: int, n
     accelerate's scheduler wrapper advances `num_processes` times per call, so the counts
     are scaled the same way (upstream does the same).
     """
+    if settings.scheduler_type:
+        return _scheduler_from_class(settings, optimizer)
     name = settings.scheduler
+    if name in _TRANSFORMERS_SCHEDULES:
+        return _transformers_schedule(settings, optimizer, total_steps * num_processes,
+                                      _steps(settings.warmup_steps, total_steps) * num_processes,
+                                      _steps(settings.decay_steps, total_steps) * num_processes)
     if name == "adafactor":
         from transformers.optimization import AdafactorSchedule
 
@@ -97,4 +107,52 @@ def create_scheduler(settings: OptimizerSettings, optimizer, total_steps: int, n
         kwargs = {}
     elif name == "constant_with_warmup":
         kwargs.pop("num_training_steps")
+    if settings.scheduler_args:  # --lr_scheduler_args reach every scheduler, as upstream
+        return _with_extra_args(name, optimizer, kwargs, settings.scheduler_args)
     return get_scheduler(name, optimizer, **kwargs)
+
+
+_TRANSFORMERS_SCHEDULES = ("cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
+
+
+def _with_extra_args(name: str, optimizer, kwargs: dict, extra: dict):
+    from diffusers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    try:
+        return TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)](optimizer, **kwargs, **extra)
+    except TypeError as exc:
+        raise SettingsError(f"--lr_scheduler_args {extra}: not accepted by --lr_scheduler {name} ({exc})") from exc
+
+
+def _transformers_schedule(settings: OptimizerSettings, optimizer, total: int, warmup: int, decay: int):
+    """The schedules upstream takes from transformers, with its argument mapping (num_cycles halved)."""
+    from transformers import optimization as tro
+
+    name, extra = settings.scheduler, dict(settings.scheduler_args)
+    if name == "cosine_with_min_lr":
+        return tro.get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=settings.num_cycles / 2,
+            min_lr_rate=settings.min_lr_ratio, **extra)
+    if name == "warmup_stable_decay":
+        return tro.get_wsd_schedule(
+            optimizer, num_warmup_steps=warmup, num_stable_steps=total - warmup - decay, num_decay_steps=decay,
+            num_cycles=settings.num_cycles / 2, min_lr_ratio=settings.min_lr_ratio or 0.0, **extra)
+    return tro.get_inverse_sqrt_schedule(optimizer, num_warmup_steps=warmup, timescale=settings.timescale, **extra)
+
+
+def _scheduler_from_class(settings: OptimizerSettings, optimizer):
+    """--lr_scheduler_type: a torch.optim.lr_scheduler class name or a dotted path, built with --lr_scheduler_args."""
+    name = settings.scheduler_type
+    if settings.warmup_steps:
+        raise SettingsError(f"--lr_scheduler_type {name} does not use --lr_warmup_steps; set it to 0")
+    module_name, _, class_name = name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name) if module_name else torch.optim.lr_scheduler
+        cls = getattr(module, class_name)
+    except (ImportError, AttributeError) as exc:
+        raise SettingsError(f"--lr_scheduler_type {name}: cannot import it ({exc})") from exc
+    try:
+        return cls(optimizer, **settings.scheduler_args)
+    except TypeError as exc:
+        raise SettingsError(f"--lr_scheduler_type {name} with --lr_scheduler_args {settings.scheduler_args}: "
+                            f"{exc}") from exc

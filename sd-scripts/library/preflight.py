@@ -191,12 +191,18 @@ def load_blueprints(settings: TrainSettings) -> list:
     if data.dataset_config:
         if not Path(data.dataset_config).is_file():
             raise BadFileError(f"--dataset_config {data.dataset_config}: file not found")
-        if data.train_data_dir:
-            log.warning("--dataset_config is set: --train_data_dir is ignored")
-        return dataset_config.load_dataset_config(data.dataset_config, cli=data.cli_fallbacks)
-    if not Path(data.train_data_dir).is_dir():
-        raise BadFileError(f"--train_data_dir {data.train_data_dir}: folder not found")
-    return dataset_config.blueprints_from_train_data_dir(data.train_data_dir, cli=data.cli_fallbacks)
+        for flag, value in (("--train_data_dir", data.train_data_dir), ("--reg_data_dir", data.reg_data_dir)):
+            if value:  # as upstream: the config file describes every folder
+                log.warning("--dataset_config is set: %s is ignored (use is_reg = true in a subset)", flag)
+        blueprints = dataset_config.load_dataset_config(data.dataset_config, cli=data.cli_fallbacks)
+    else:
+        if not Path(data.train_data_dir).is_dir():
+            raise BadFileError(f"--train_data_dir {data.train_data_dir}: folder not found")
+        blueprints = dataset_config.blueprints_from_train_data_dir(data.train_data_dir, cli=data.cli_fallbacks,
+                                                                   reg_data_dir=data.reg_data_dir)
+    dataset_config.check_text_encoder_cache(blueprints, data)
+    dataset_config.check_masked_loss(blueprints, settings.regularisation.masked_loss)
+    return blueprints
 
 
 # ---------------------------------------------------------------- 3. output folder
@@ -264,6 +270,10 @@ def resolve_resume(settings: TrainSettings) -> tuple[checkpoint_io.ResumeInfo | 
     target, out, name = settings.save.resume, settings.save.output_dir, settings.save.output_name
     if not target:
         return None, []
+    if settings.hub.resume_from_hub:  # --resume_from_huggingface: fetch the state folder first
+        from library import hub_sync
+
+        target = str(hub_sync.download_state(settings.hub, target, out))
     current = settings.resume_settings()
     if target != "auto":
         path = Path(target)

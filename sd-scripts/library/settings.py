@@ -51,6 +51,8 @@ class DataSettings:
     text_encoder_batch_size: int | None
     num_workers: int
     persistent_workers: bool
+    reg_data_dir: str | None = None
+    prior_loss_weight: float = 1.0  # loss weight of regularisation images
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,10 @@ class OptimizerSettings:
     num_cycles: int
     power: float
     max_grad_norm: float
+    scheduler_type: str = ""  # --lr_scheduler_type: a torch (or dotted) scheduler class, overrides `scheduler`
+    scheduler_args: dict = field(default_factory=dict)
+    timescale: int | None = None
+    min_lr_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,16 @@ class FlowSettings:
     mode_scale: float
     guidance_scale: float
     loss_type: str
+    # library.noise: offset/perturbation noise, the trained timestep range and the Huber threshold schedule
+    noise_offset: float = 0.0
+    noise_offset_random_strength: bool = False
+    ip_noise_gamma: float = 0.0
+    ip_noise_gamma_random_strength: bool = False
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    huber_schedule: str = "constant"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +166,86 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class TrackingSettings:
+    """--logging_dir/--log_with and friends (library.tracking)."""
+
+    log_with: tuple[str, ...] = ()  # "tensorboard" and/or "wandb"; empty: no tracker
+    logging_dir: str | None = None
+    log_prefix: str = ""
+    tracker_name: str = "network_train"
+    wandb_run_name: str | None = None
+    tracker_config: dict = field(default_factory=dict)  # --log_tracker_config, per tracker
+    wandb_api_key: str | None = None
+    log_config: bool = False
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """--validation_split and friends (library.validation)."""
+
+    split: float = 0.0
+    seed: int = 42
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    max_steps: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.split > 0
+
+
+@dataclass(frozen=True)
+class PrecisionSettings:
+    """--full_bf16/--full_fp16, activation offload and torch.compile (library.precision)."""
+
+    full_bf16: bool = False
+    full_fp16: bool = False
+    cpu_offload_checkpointing: bool = False
+    torch_compile: bool = False
+    dynamo_backend: str = "inductor"
+
+
+@dataclass(frozen=True)
+class ContinuationSettings:
+    """Upstream's manual restart and base-weight flags (library.continuation)."""
+
+    initial_step: int | None = None
+    initial_epoch: int | None = None
+    skip_until_initial_step: bool = False
+    base_weights: tuple[str, ...] = ()
+    base_weights_multipliers: tuple[float, ...] = ()
+    save_n_epoch_ratio: int | None = None
+
+
+@dataclass(frozen=True)
+class RegularisationSettings:
+    """LoRA dropout and weight-norm options (networks.lora_flux) and the loss mask."""
+
+    network_dropout: float | None = None
+    scale_weight_norms: float | None = None
+    masked_loss: bool = False
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """--huggingface_* (library.hub_sync); `online` is the preflight's verdict."""
+
+    repo_id: str | None = None
+    repo_type: str = "model"
+    path_in_repo: str | None = None
+    token: str | None = None
+    visibility: str | None = None
+    save_state: bool = False
+    resume_from_hub: bool = False
+    async_upload: bool = False
+    online: bool = False
+
+    @property
+    def uploads(self) -> bool:
+        return bool(self.repo_id) and self.online
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     model: ModelSettings
     data: DataSettings
@@ -161,6 +257,12 @@ class TrainSettings:
     guards: GuardSettings
     run: RunSettings
     raw: dict  # the parsed namespace as a dict, for ss_* metadata
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    precision: PrecisionSettings = field(default_factory=PrecisionSettings)
+    continuation: ContinuationSettings = field(default_factory=ContinuationSettings)
+    regularisation: RegularisationSettings = field(default_factory=RegularisationSettings)
+    hub: HubSettings = field(default_factory=HubSettings)
 
     def resume_settings(self) -> dict:
         """Settings a resumed run must share with the run that wrote the state."""
@@ -226,6 +328,8 @@ def _blocks_to_swap(ns: argparse.Namespace) -> int:
 
 
 def _data(ns: argparse.Namespace) -> DataSettings:
+    from library import option_settings
+
     if not ns.dataset_config and not ns.train_data_dir:
         raise SettingsError("--dataset_config (a dataset.toml) or --train_data_dir is required")
     resolution = None
@@ -245,6 +349,7 @@ def _data(ns: argparse.Namespace) -> DataSettings:
         "max_bucket_reso": ns.max_bucket_reso,
         "bucket_reso_steps": ns.bucket_reso_steps,
         "bucket_no_upscale": ns.bucket_no_upscale,
+        **option_settings.dataset_fallbacks(ns),
     }
     cache_te = ns.cache_text_encoder_outputs or ns.cache_text_encoder_outputs_to_disk
     if ns.persistent_data_loader_workers and ns.max_data_loader_n_workers == 0:
@@ -254,16 +359,20 @@ def _data(ns: argparse.Namespace) -> DataSettings:
         cache_latents_to_disk=ns.cache_latents_to_disk, cache_text_encoder_outputs=cache_te,
         cache_text_encoder_outputs_to_disk=ns.cache_text_encoder_outputs_to_disk,
         vae_batch_size=max(1, ns.vae_batch_size), text_encoder_batch_size=ns.text_encoder_batch_size,
-        num_workers=max(0, ns.max_data_loader_n_workers), persistent_workers=ns.persistent_data_loader_workers)
+        num_workers=max(0, ns.max_data_loader_n_workers), persistent_workers=ns.persistent_data_loader_workers,
+        reg_data_dir=ns.reg_data_dir, prior_loss_weight=ns.prior_loss_weight)
 
 
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-              "adafactor")
+              "adafactor", "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
 
 
 def _check_optimizer(ns: argparse.Namespace) -> None:
     """Fail before any model loads: a typo here used to surface only after minutes of loading and caching."""
+    from library.advanced_settings import optimizer_type_from_shortcuts
+
+    ns.optimizer_type = optimizer_type_from_shortcuts(ns)
     kind = (ns.optimizer_type or "adamw").lower()
     if kind not in OPTIMIZERS and "." not in kind:
         raise SettingsError(f"--optimizer_type {ns.optimizer_type}: not supported by this trainer "
@@ -273,6 +382,12 @@ def _check_optimizer(ns: argparse.Namespace) -> None:
                             f"(use one of {', '.join(SCHEDULERS)})")
     if ns.lr_scheduler == "adafactor" and kind != "adafactor":
         raise SettingsError("--lr_scheduler adafactor needs --optimizer_type Adafactor")
+    if kind == "lion":
+        try:
+            import lion_pytorch  # noqa: F401
+        except ImportError as exc:
+            raise SettingsError("--optimizer_type Lion / --use_lion_optimizer needs the lion-pytorch package "
+                                "(pip install lion-pytorch)") from exc
 
 
 def _check_network_args(args: dict) -> None:
@@ -290,7 +405,9 @@ def _optimizer(ns: argparse.Namespace) -> OptimizerSettings:
         type=ns.optimizer_type or "AdamW", learning_rate=ns.learning_rate, unet_lr=ns.unet_lr, text_encoder_lr=te_lr,
         args=parse_key_values(ns.optimizer_args, "--optimizer_args", literal=True), scheduler=ns.lr_scheduler,
         warmup_steps=ns.lr_warmup_steps, decay_steps=ns.lr_decay_steps, num_cycles=ns.lr_scheduler_num_cycles,
-        power=ns.lr_scheduler_power, max_grad_norm=ns.max_grad_norm)
+        power=ns.lr_scheduler_power, max_grad_norm=ns.max_grad_norm, scheduler_type=ns.lr_scheduler_type or "",
+        scheduler_args=parse_key_values(ns.lr_scheduler_args, "--lr_scheduler_args", literal=True),
+        timescale=ns.lr_scheduler_timescale, min_lr_ratio=ns.lr_scheduler_min_lr_ratio)
 
 
 def _save(ns: argparse.Namespace) -> SaveSettings:
@@ -331,7 +448,13 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
     _check_optimizer(ns)
     network_args = parse_key_values(ns.network_args, "--network_args", literal=False)
     _check_network_args(network_args)
-    dim = ns.network_dim if ns.network_dim is not None else 4
+    from library import advanced_settings
+
+    extra = advanced_settings.advanced_settings_from_args(ns)  # logging, validation, precision, continuation
+    from library import option_settings
+
+    extra.update(option_settings.option_settings_from_args(ns))  # captions, regularisation, data, hub
+    dim, alpha = advanced_settings.network_dim_alpha(ns)
     model = ModelSettings(
         dit_path=_require(ns, "pretrained_model_name_or_path", "the FLUX DiT (flux1-dev.sft or a diffusers folder)"),
         clip_l_path=_require(ns, "clip_l", "CLIP-L weights (clip_l.safetensors)"),
@@ -344,7 +467,8 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
         timestep_sampling=ns.timestep_sampling, sigmoid_scale=ns.sigmoid_scale,
         discrete_flow_shift=ns.discrete_flow_shift, model_prediction_type=ns.model_prediction_type,
         weighting_scheme=ns.weighting_scheme, logit_mean=ns.logit_mean, logit_std=ns.logit_std,
-        mode_scale=ns.mode_scale, guidance_scale=ns.guidance_scale, loss_type=ns.loss_type)
+        mode_scale=ns.mode_scale, guidance_scale=ns.guidance_scale, loss_type=ns.loss_type,
+        **option_settings.flow_options(ns))
     guards = GuardSettings(
         dataloader_timeout=ns.dataloader_timeout, block_swap_timeout=ns.block_swap_timeout,
         cache_io_timeout=ns.cache_io_timeout, sample_timeout=ns.sample_timeout, save_timeout=ns.save_timeout,
@@ -356,10 +480,10 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
         seed=seed, mixed_precision=ns.mixed_precision, gradient_checkpointing=ns.gradient_checkpointing,
         max_train_steps=ns.max_train_steps, max_train_epochs=ns.max_train_epochs,
         blocks_to_swap=_blocks_to_swap(ns), batch_size=ns.train_batch_size)
-    network = NetworkSettings(module="networks.lora_flux", dim=dim, alpha=ns.network_alpha, args=network_args,
+    network = NetworkSettings(module="networks.lora_flux", dim=dim, alpha=alpha, args=network_args,
                               train_unet_only=ns.network_train_unet_only, weights=ns.network_weights)
     return TrainSettings(model=model, data=_data(ns), network=network, optimizer=_optimizer(ns), flow=flow,
-                         save=_save(ns), sample=_sample(ns), guards=guards, run=run, raw=dict(vars(ns)))
+                         save=_save(ns), sample=_sample(ns), guards=guards, run=run, raw=dict(vars(ns)), **extra)
 
 
 def total_steps(max_train_steps: int, max_train_epochs: int | None, batches_per_epoch: int) -> tuple[int, int]:

@@ -19,9 +19,10 @@ from tqdm import tqdm
 from library.dataset import collate
 from library import console_markers, run_stats
 from library.fault_injection import inject_point
-from library.flow_matching import apply_prediction_type, flow_loss, sample_noised
+from library.flow_matching import apply_prediction_type, flow_loss, huber_threshold, sample_noised, training_noise
 from library import run_stop
 from library.npz_io import CacheReadTimeout
+from library.regularisation import scale_weight_norms, step_rng
 from library.train_session import RunControl, TrainSession
 
 log = logging.getLogger(__name__)
@@ -112,17 +113,39 @@ def attention_mask(session: TrainSession, t5_mask: torch.Tensor, image_tokens: i
 
 
 def training_step(session: TrainSession, control: RunControl, batch: dict) -> float:
-    from library.flux_packing import image_ids, pack_latents, unpack_latents
-
     inject_point("step", step=session.pos.step + 1, blocks_to_swap=session.settings.run.blocks_to_swap)
     s, device, dtype = session.settings, session.device, session.weight_dtype
-    models, opt, accelerator = session.models, session.opt, session.accelerator
+    opt, accelerator = session.opt, session.accelerator
     latents = batch["latents"].to(device, dtype)
-    b, _, h, w = latents.shape
-    generator = torch.Generator().manual_seed(s.run.seed * STEP_SEED_STRIDE + session.pos.step
-                                              + session.rank * 7919)
-    noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+    step_seed = s.run.seed * STEP_SEED_STRIDE + session.pos.step + session.rank * 7919
+    generator = torch.Generator().manual_seed(step_seed)
+    noise = training_noise(latents.shape, s.flow, generator).to(device, dtype)
     noised = sample_noised(latents, noise, s.flow, generator)
+    # LoRA dropout masks come from a per-step seed, so a resumed run draws the same ones
+    with step_rng(step_seed, device, enabled=opt.network_drops):
+        loss = flow_matching_loss(session, batch, latents, noise, noised)
+        accelerator.backward(loss)
+    sync_gradients(session, control)
+    if s.optimizer.max_grad_norm:
+        accelerator.clip_grad_norm_(opt.trainable_params, s.optimizer.max_grad_norm)
+    opt.optimizer.step()
+    opt.lr_scheduler.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    tracker = control.tracker
+    control.bar_postfix = scale_weight_norms(  # upstream's "Keys Scaled" figures for the progress bar
+        accelerator.unwrap_model(opt.network), s.regularisation.scale_weight_norms,
+        log=lambda tags: tracker.log(tags, step=session.pos.step + 1, epoch=session.pos.epoch + 1) if tracker else None)
+    return loss.detach().item()
+
+
+def flow_matching_loss(session: TrainSession, batch: dict, latents: torch.Tensor, noise: torch.Tensor,
+                       noised) -> torch.Tensor:
+    """The transformer's loss on one noised batch (shared by training steps and validation passes)."""
+    from library.flux_packing import image_ids, pack_latents, unpack_latents
+    from library.precision import activation_offload
+
+    s, device, dtype, models = session.settings, session.device, session.weight_dtype, session.models
+    b, _, h, w = latents.shape
     cond = text_conditioning(session, batch)
     packed = pack_latents(noised.noisy)
     img_ids = image_ids(h, w, b, device, dtype)
@@ -131,7 +154,7 @@ def training_step(session: TrainSession, control: RunControl, batch: dict) -> fl
         guidance = torch.full((b,), s.flow.guidance_scale, device=device, dtype=torch.float32)
     if models.block_swapper is not None:
         models.block_swapper.prepare_block_devices_before_forward()
-    with accelerator.autocast():
+    with session.accelerator.autocast(), activation_offload(session):
         pred = models.transformer(
             hidden_states=packed, encoder_hidden_states=cond["t5_out"], pooled_projections=cond["l_pooled"],
             timestep=(noised.timesteps / 1000).to(device, torch.float32), img_ids=img_ids, txt_ids=cond["txt_ids"][0],
@@ -139,15 +162,10 @@ def training_step(session: TrainSession, control: RunControl, batch: dict) -> fl
             return_dict=False)[0]
     pred = unpack_latents(pred.float(), h, w)
     pred, weighting = apply_prediction_type(pred, noised, s.flow)
-    loss = flow_loss(pred, (noise - latents).float(), s.flow.loss_type, weighting)
-    accelerator.backward(loss)
-    sync_gradients(session, control)
-    if s.optimizer.max_grad_norm:
-        accelerator.clip_grad_norm_(opt.trainable_params, s.optimizer.max_grad_norm)
-    opt.optimizer.step()
-    opt.lr_scheduler.step()
-    opt.optimizer.zero_grad(set_to_none=True)
-    return loss.detach().item()
+    huber_c = (huber_threshold(s.flow, noised.timesteps) if s.flow.huber_schedule == "exponential"
+               else s.flow.huber_c * s.flow.huber_scale)
+    return flow_loss(pred, (noise - latents).float(), s.flow.loss_type, weighting, huber_c=huber_c,
+                     mask=batch.get("alpha_masks"), sample_weights=batch.get("loss_weights"))
 
 
 def sync_gradients(session: TrainSession, control: RunControl) -> None:
@@ -251,8 +269,10 @@ def run_training_loop(session: TrainSession, checkpointer, control: RunControl) 
         pos.batch_in_epoch += 1
         recent_losses.append(loss)
         bar.update(1)
-        bar.set_postfix(avr_loss=sum(recent_losses) / len(recent_losses))
+        bar.set_postfix(**control.bar_postfix, avr_loss=sum(recent_losses) / len(recent_losses))
         control.record_loss(pos.step, loss)
+        if control.tracker is not None:
+            control.tracker.log_step(session, loss)
         control.heartbeat.step(pos.step, pos.epoch + 1, loss=loss)
         control.guards.progress()
         if clock is not None:
@@ -263,6 +283,8 @@ def run_training_loop(session: TrainSession, checkpointer, control: RunControl) 
             end_epoch(session, checkpointer, control)
         simulate_crash_if_requested(pos.step)
     bar.close()
+    if pos.batch_in_epoch:  # the run ended inside an epoch: upstream still closes that epoch's logs
+        close_epoch_logs(session, control, epoch=pos.epoch + 1)
     if clock is not None and session.is_main:
         print(clock.report(session.device), flush=True)
 
@@ -279,6 +301,8 @@ def simulate_crash_if_requested(step: int) -> None:
 def after_step(session: TrainSession, checkpointer, control: RunControl) -> None:
     save, pos = session.settings.save, session.pos
     maybe_sample(session, control, at_epoch_end=False)
+    if control.validator is not None:
+        control.validator.maybe_validate(session, control, at_epoch_end=False)
     if save.every_n_steps and pos.step % save.every_n_steps == 0:
         checkpointer.save(kind="step", with_state=save.save_state)
 
@@ -288,10 +312,19 @@ def end_epoch(session: TrainSession, checkpointer, control: RunControl) -> None:
     pos.epoch += 1
     pos.batch_in_epoch = 0
     control.barrier()
+    close_epoch_logs(session, control)
     every = save.every_n_epochs
     if every and pos.epoch % every == 0 and pos.epoch < session.data.num_epochs:
         checkpointer.save(kind="epoch", with_state=save.save_state)
     maybe_sample(session, control, at_epoch_end=True)
+
+
+def close_epoch_logs(session: TrainSession, control: RunControl, epoch: int | None = None) -> None:
+    """The epoch's validation pass (if due) and its loss/epoch_average; `epoch` 1-based (default: just ended)."""
+    if control.validator is not None:
+        control.validator.maybe_validate(session, control, at_epoch_end=True, epoch=epoch)
+    if control.tracker is not None:
+        control.tracker.log_epoch_end(session, epoch=epoch)
 
 
 def print_run_summary(session: TrainSession) -> None:

@@ -48,6 +48,7 @@ class DataPlan:
     num_epochs: int
     latent_cache: Any = None
     te_cache: Any = None
+    val_dataset: Any = None  # the held-out part (--validation_split), or None
 
 
 @dataclasses.dataclass
@@ -72,6 +73,7 @@ class Optimization:
     trainable_params: list
     optimizer_name: str
     base_metadata: dict
+    network_drops: bool = False  # rank/module/neuron dropout: steps seed the global RNG (exact resume)
 
 
 @dataclasses.dataclass
@@ -123,12 +125,16 @@ class RunControl:
     """Heartbeat, hang guards, the phase and bounded barriers: shared by the phases, the loop and the saver."""
 
     def __init__(self, *, heartbeat, guards: HangGuards, accelerator, ddp_timeout_minutes: float | None,
-                 loss_log: TextIO | None):
+                 loss_log: TextIO | None, tracker=None, hub=None):
         self.heartbeat = heartbeat
         self.guards = guards
         self.accelerator = accelerator
         self.ddp_timeout_minutes = ddp_timeout_minutes
         self.loss_log = loss_log
+        self.tracker = tracker  # library.tracking.Tracker: TensorBoard/wandb (a no-op one without --log_with)
+        self.hub = hub  # library.hub_sync.HubSync: uploads after each save (a no-op one without a repo)
+        self.validator = None  # library.validation.Validator, once the dataset is split
+        self.bar_postfix: dict = {}  # extra progress-bar figures of the last step (--scale_weight_norms)
         self.phase = "loading"
 
     def set_phase(self, phase: str, message: str = "") -> None:
@@ -156,6 +162,8 @@ class RunControl:
             self.loss_log.flush()
 
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
         self.guards.close()
         if self.loss_log is not None:
             self.loss_log.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from library import console_markers, metadata, run_stop
+from library import console_markers, continuation, hub_sync, metadata, precision, regularisation, run_stop, validation
 from library.checkpointer import Checkpointer
 from library.heartbeat import Heartbeat
 from library.hang_guards import HangGuards
@@ -56,6 +56,8 @@ class FluxLoRATrainer:
             self.create_network()
             self.create_optimizer()
             self.checkpointer.resume()
+            continuation.apply_initial_position(self.session)
+            self.start_tracking()
             from library.train_loop import run_training_loop
 
             run_training_loop(self.session, self.checkpointer, self.control)
@@ -112,9 +114,21 @@ class FluxLoRATrainer:
         loss_log = os.environ.get(LOSS_LOG_ENV)
         self.control = RunControl(heartbeat=heartbeat, guards=guards, accelerator=session.accelerator,
                                   ddp_timeout_minutes=self.s.guards.ddp_timeout_minutes,
-                                  loss_log=open(loss_log, "a", encoding="utf-8") if loss_log else None)
+                                  loss_log=open(loss_log, "a", encoding="utf-8") if loss_log else None,
+                                  hub=hub_sync.HubSync(self.s.hub, timeout=self.s.guards.save_timeout))
         self.checkpointer = Checkpointer(session, self.control)
         self.control.set_phase("loading", "loading models")
+
+    def start_tracking(self) -> None:
+        """The loss trackers (--logging_dir/--log_with) and the validation runner (--validation_split)."""
+        from library.tracking import Tracker
+        from library.validation import Validator
+
+        session, control = self.session, self.control
+        control.tracker = Tracker(self.s.tracking, is_main=session.is_main, raw_flags=self.s.raw)
+        control.validator = Validator(session, session.data.val_dataset)
+        if session.resume is not None:  # loss/average continues where the state left it
+            control.tracker.recorder.restore_from_state(session.resume.path)
 
     def agree_on_run(self) -> None:
         from library.rank_agreement import agree_on_run
@@ -134,18 +148,24 @@ class FluxLoRATrainer:
         session, blueprints = self.session, self.preflight.blueprints
         if self.s.data.dataset_config:
             print(f"Loading dataset config from {self.s.data.dataset_config}")
-        data = dataset.build_dataset(blueprints, seed=self.s.run.seed)
+        data = dataset.build_dataset(blueprints, seed=self.s.run.seed, prior_loss_weight=self.s.data.prior_loss_weight)
+        data, val_dataset = validation.split_dataset(data, self.s.validation)
         world = session.world
         batches_per_epoch = -(-data.num_batches_per_epoch // world)
         max_train_steps, num_epochs = total_steps(self.s.run.max_train_steps, self.s.run.max_train_epochs,
                                                   batches_per_epoch)
-        session.data = DataPlan(blueprints, data, batches_per_epoch, max_train_steps, num_epochs)
+        session.data = DataPlan(blueprints, data, batches_per_epoch, max_train_steps, num_epochs,
+                                val_dataset=val_dataset)
         if session.is_main:
             if world > 1:
                 print(f"batches: {data.num_batches_per_epoch} per epoch split over {world} processes = "
                       f"{batches_per_epoch} steps per epoch")
             if self.s.run.max_train_epochs:
                 print(f"override steps. steps for {num_epochs} epochs is: {max_train_steps}")
+        planned = continuation.plan_run(session)  # --save_n_epoch_ratio becomes a save cadence here
+        if planned is not self.s:
+            self.s = session.settings = planned
+            self.checkpointer.save_settings = planned.save
 
     def load_models(self) -> None:
         from library import flux_loading
@@ -263,8 +283,9 @@ class FluxLoRATrainer:
         self.control.set_phase("loading", "creating the LoRA network")
         print(f"create LoRA network. base dim (rank): {net.dim}, alpha: {net.alpha}")
         clip = models.clip_l if models.train_clip else None
+        continuation.merge_base_weights(session := self.session)
         network = lora_flux.create_network(1.0, net.dim, net.alpha, models.ae, [clip, None], models.transformer,
-                                           **net.args)
+                                           neuron_dropout=self.s.regularisation.network_dropout, **net.args)
         network.apply_to([clip, None], models.transformer, apply_text_encoder=models.train_clip, apply_unet=True)
         if net.weights:
             # As upstream (strict=False): load what both sides have, say what was not matched.
@@ -287,8 +308,10 @@ class FluxLoRATrainer:
                 models.clip_l.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 models.clip_l.train()  # transformers checkpoints only in train mode; CLIP-L has no dropout
         network.to(device)
-        self.session.opt = Optimization(network=network, optimizer=None, lr_scheduler=None, trainable_params=[],
-                                        optimizer_name="", base_metadata={})
+        precision.prepare_network(session, network)
+        session.opt = Optimization(network=network, optimizer=None, lr_scheduler=None, trainable_params=[],
+                                   optimizer_name="", base_metadata={},
+                                   network_drops=regularisation.network_drops(network))
 
     def setup_block_swap(self) -> None:
         if not self.s.run.blocks_to_swap:
@@ -327,7 +350,7 @@ class FluxLoRATrainer:
             legacy_model_hash=session.models.hasher.legacy)
         session.opt = Optimization(network=network, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                    trainable_params=trainable, optimizer_name=optimizer_name,
-                                   base_metadata=base_metadata)
+                                   base_metadata=base_metadata, network_drops=session.opt.network_drops)
 
     def describe_datasets(self) -> list[dict]:
         result = []
@@ -335,7 +358,8 @@ class FluxLoRATrainer:
             result.append({"resolution": list(bp.resolution), "batch_size_per_device": bp.batch_size,
                            "enable_bucket": bp.enable_bucket,
                            "subsets": [{"image_dir": Path(sub.image_dir).name, "num_repeats": sub.num_repeats,
-                                        "class_tokens": sub.class_tokens} for sub in bp.subsets]})
+                                        "class_tokens": sub.class_tokens, **metadata.subset_options(sub)}
+                                       for sub in bp.subsets]})
         return result
 
     def save_final(self) -> None:

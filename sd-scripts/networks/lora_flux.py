@@ -39,7 +39,7 @@ TRAIN_BLOCKS = ("all", "single", "double")
 _UPSTREAM_ONLY_ARGS = (
     "split_qkv", "train_t5xxl", "img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim",
     "txt_mod_dim", "single_dim", "single_mod_dim", "in_dims", "train_double_block_indices",
-    "train_single_block_indices", "rank_dropout", "module_dropout", "conv_dim", "conv_alpha",
+    "train_single_block_indices", "conv_dim", "conv_alpha",
     "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "network_reg_dims",
     "network_reg_lrs", "ggpo_beta", "ggpo_sigma",
 )
@@ -66,7 +66,8 @@ class LoRAModule(nn.Module):
     """
 
     def __init__(self, name: str, in_features: int, out_features: int, rank: int, alpha: float | None,
-                 multiplier: float = 1.0, dropout: float | None = None):
+                 multiplier: float = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None, num_targets: int = 1):
         super().__init__()
         self.lora_name = name
         self.rank = int(rank)
@@ -79,6 +80,10 @@ class LoRAModule(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.multiplier = float(multiplier)
         self.dropout = float(dropout) if dropout else 0.0
+        self.rank_dropout = float(rank_dropout) if rank_dropout else 0.0
+        self.module_dropout = float(module_dropout) if module_dropout else 0.0
+        self.num_targets = int(num_targets)  # diffusers Linears sharing this module's down projection
+        self._shared = None  # (input key, h, scale, slices left) while one forward's slices are served
         self._alpha_value = float(alpha)
         # A state dict load (accelerate resume, load_weights) may change alpha; keep the cached float in sync
         # so the hot path never reads a device tensor.
@@ -92,14 +97,42 @@ class LoRAModule(nn.Module):
     def scale(self) -> float:
         return self.multiplier * self._alpha_value / self.rank
 
-    def delta(self, x: torch.Tensor, row_start: int, row_end: int) -> torch.Tensor:
-        """LoRA output rows [row_start, row_end) for input x, computed in x's dtype."""
-        down = self.lora_down.weight.to(dtype=x.dtype)
+    @property
+    def drops(self) -> bool:
+        return self.training and bool(self.dropout or self.rank_dropout or self.module_dropout)
+
+    def delta(self, x: torch.Tensor, row_start: int, row_end: int) -> torch.Tensor | None:
+        """LoRA output rows [row_start, row_end) for input x, computed in x's dtype (None: module dropped)."""
         up = self.lora_up.weight[row_start:row_end].to(dtype=x.dtype)
-        h = nn.functional.linear(x, down)
-        if self.dropout and self.training:
-            h = nn.functional.dropout(h, p=self.dropout)
+        if self.drops:
+            h, scale = self._dropped_down(x)
+            return None if h is None else nn.functional.linear(h, up) * scale
+        h = nn.functional.linear(x, self.lora_down.weight.to(dtype=x.dtype))
         return nn.functional.linear(h, up) * self.scale
+
+    def _dropped_down(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """Upstream's training-time dropouts, drawn once per forward and shared by all slices of a fused module
+        (upstream computes one down projection for q, k, v together): module_dropout skips the module
+        (CPU draw), network_dropout drops down-projection features, rank_dropout zeroes whole ranks per sample
+        and rescales by 1 / (1 - rank_dropout). Draws use the global RNG, which the trainer seeds per step."""
+        key = (x.data_ptr(), tuple(x.shape), x.device)
+        if self._shared is not None and self._shared[0] == key:
+            _, h, scale, left = self._shared
+            self._shared = (key, h, scale, left - 1) if left > 1 else None
+            return h, scale
+        h, scale = None, self.scale
+        if not (self.module_dropout and torch.rand(1) < self.module_dropout):
+            h = nn.functional.linear(x, self.lora_down.weight.to(dtype=x.dtype))
+            if self.dropout:
+                h = nn.functional.dropout(h, p=self.dropout)
+            if self.rank_dropout:
+                mask = torch.rand((h.size(0), self.rank), device=h.device) > self.rank_dropout
+                if h.dim() == 3:
+                    mask = mask.unsqueeze(1)
+                h = h * mask.to(h.dtype)
+                scale = scale / (1.0 - self.rank_dropout)
+        self._shared = (key, h, scale, self.num_targets - 1) if self.num_targets > 1 else None
+        return h, scale
 
 
 def _refresh_alpha_after_load(module: LoRAModule, _incompatible_keys) -> None:
@@ -111,7 +144,8 @@ class LoRANetwork(nn.Module):
 
     def __init__(self, unet_specs: dict[str, tuple[_Target, ...]], te_specs: dict[str, tuple[_Target, ...]], *,
                  dims: dict[str, int], alphas: dict[str, float | None], multiplier: float = 1.0,
-                 dropout: float | None = None, verbose: bool = False):
+                 dropout: float | None = None, verbose: bool = False, rank_dropout: float | None = None,
+                 module_dropout: float | None = None):
         super().__init__()
         self.multiplier = float(multiplier)
         self._targets: dict[str, tuple[_Target, ...]] = {}
@@ -123,7 +157,8 @@ class LoRANetwork(nn.Module):
                 in_features = targets[0].module.in_features
                 out_features = targets[-1].row_end
                 mod = LoRAModule(name, in_features, out_features, dims[name], alphas.get(name),
-                                 multiplier=multiplier, dropout=dropout)
+                                 multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
+                                 module_dropout=module_dropout, num_targets=len(targets))
                 self.add_module(name, mod)
                 self._targets[name] = targets
                 names.append(name)
@@ -268,7 +303,8 @@ class LoRANetwork(nn.Module):
 def _make_hook(lora: LoRAModule, row_start: int, row_end: int):
     def hook(_module, args, kwargs, output):
         x = args[0] if args else kwargs["input"]
-        return output + lora.delta(x, row_start, row_end).to(output.dtype)
+        delta = lora.delta(x, row_start, row_end)
+        return output if delta is None else output + delta.to(output.dtype)
 
     return hook
 
@@ -353,10 +389,34 @@ def clip_lora_targets(clip: nn.Module) -> dict[str, tuple[_Target, ...]]:
 
 
 # ----- factories (upstream signatures) ------------------------------------------------------------------
+DROPOUT_ARGS = ("rank_dropout", "module_dropout")
+
+
+def dropout_args(kwargs: dict) -> dict[str, float | None]:
+    """rank_dropout / module_dropout from --network_args (a probability in [0, 1); None when absent)."""
+    result: dict[str, float | None] = {}
+    for key in DROPOUT_ARGS:
+        text = "" if kwargs.get(key) is None else str(kwargs[key]).strip()
+        if text.lower() in ("", "none"):
+            result[key] = None
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"network_args: {key}={kwargs[key]!r} is not a number") from None
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"network_args: {key}={value} must be at least 0 and below 1")
+        result[key] = value or None
+    return result
+
+
 def _parse_network_args(kwargs: dict) -> tuple[str, bool]:
     train_blocks, verbose = "all", False
+    dropout_args(kwargs)  # validates
     for key, value in kwargs.items():
         text = "" if value is None else str(value).strip()
+        if key in DROPOUT_ARGS:
+            continue
         if key == "train_blocks":
             train_blocks = (text or "all").lower()
             if train_blocks not in TRAIN_BLOCKS:
@@ -369,7 +429,7 @@ def _parse_network_args(kwargs: dict) -> tuple[str, bool]:
                                  "from --network_args)")
         else:
             raise ValueError(f"network_args: unknown key {key!r}; this trainer understands train_blocks=all|single|"
-                             "double and verbose=True")
+                             "double, rank_dropout, module_dropout and verbose=True")
     return train_blocks, verbose
 
 
@@ -401,7 +461,7 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoders, f
     te_specs = clip_lora_targets(clip) if clip is not None else {}
     names = list(unet_specs) + list(te_specs)
     return LoRANetwork(unet_specs, te_specs, dims={n: rank for n in names}, alphas={n: alpha for n in names},
-                       multiplier=multiplier, dropout=neuron_dropout, verbose=verbose)
+                       multiplier=multiplier, dropout=neuron_dropout, verbose=verbose, **dropout_args(kwargs))
 
 
 def create_network_from_weights(multiplier, file, vae, text_encoders, flux, weights_sd=None, **kwargs):

@@ -176,10 +176,10 @@ def test_batches_deterministic_complete_and_single_bucket(tmp_path, mixed):
     assert e0 != e1 and e0 != other_seed.batches_for_epoch(0)
     for epoch, batches in ((0, e0), (1, e1)):
         assert len(batches) == ds.num_batches_per_epoch
-        counts = Counter(idx for batch in batches for ep, idx in batch if ep == epoch)
+        counts = Counter(idx for batch in batches for ep, idx, *_ in batch if ep == epoch)
         assert counts == {i: it.num_repeats for i, it in enumerate(ds.items)}  # repeats, nothing lost
         for batch in batches:
-            buckets = {(ds.items[i].dataset_index, ds.items[i].bucket_reso) for _, i in batch}
+            buckets = {(ds.items[i].dataset_index, ds.items[i].bucket_reso) for _, i, *_ in batch}
             assert len(buckets) == 1 and len(batch) <= ds.items[batch[0][1]].batch_size
     assert ds.num_train_images == 6 * 3 + 3 * 2
     # 3 buckets x 6 samples / bs 2 = 9, plus ceil(6 / 4) = 2
@@ -202,7 +202,7 @@ def test_resume_mid_epoch_is_the_tail_of_the_full_epoch(tmp_path, mixed):
     # the cursor crosses into the next epoch with that epoch's own order
     assert list(sampler(5, num_epochs=4)) == full[5:] + ds.batches_for_epoch(3)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler(4), collate_fn=collate)
-    assert [b["indices"] for b in loader] == [[i for _, i in batch] for batch in full[4:]]
+    assert [b["indices"] for b in loader] == [[i for _, i, *_ in batch] for batch in full[4:]]
 
 
 def test_flip_choice_deterministic_and_read_from_cache(tmp_path, mixed):
@@ -231,7 +231,7 @@ def test_getitem_and_collate_shapes(tmp_path, mixed):
     first = ds.items[batch_keys[0][1]]
     assert batch["latents"].shape == (len(batch_keys), 16, first.bucket_reso[1] // 8, first.bucket_reso[0] // 8)
     assert batch["latents"].dtype == torch.float32
-    assert batch["captions"] == [ds.items[i].caption for _, i in batch_keys]
+    assert batch["captions"] == [ds.items[i].caption for _, i, *_ in batch_keys]
     assert batch["l_pooled"].shape == (len(batch_keys), 8) and batch["t5_attn_mask"].dtype == torch.int64
     assert batch["t5_out"].shape == (len(batch_keys), 4, 6) and batch["txt_ids"].shape == (len(batch_keys), 4, 3)
     ds.set_caches(_FakeLatents(ds), None)

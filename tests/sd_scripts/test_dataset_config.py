@@ -131,13 +131,14 @@ ERROR_CASES = {
     "unknown_general": ({"general": {"shufle_caption": False}}, {}, "shufle_caption"),
     "unknown_dataset": ({"dataset": {"resolutoin": 512}}, {}, "resolutoin"),
     "unknown_subset": ({"subset": {"num_repeat": 3}}, {}, "num_repeat"),
-    "shuffle_caption": ({"general": {"shuffle_caption": True}}, {}, "shuffle_caption"),
-    "caption_dropout": ({"subset": {"caption_dropout_rate": 0.1}}, {}, "caption_dropout_rate"),
+    "shuffle_caption_not_bool": ({"general": {"shuffle_caption": "yes"}}, {}, "shuffle_caption"),
+    "caption_dropout_above_1": ({"subset": {"caption_dropout_rate": 1.5}}, {}, "caption_dropout_rate"),
     "color_aug": ({"dataset": {"color_aug": True}}, {}, "color_aug"),
     "random_crop": ({"subset": {"random_crop": True}}, {}, "random_crop"),
     "token_warmup": ({"general": {"token_warmup_step": 5}}, {}, "token_warmup_step"),
     "metadata_file": ({"subset": {"metadata_file": "meta.json"}}, {}, "metadata_file"),
-    "alpha_mask": ({"subset": {"alpha_mask": True}}, {}, "alpha_mask"),
+    "alpha_mask_in_general": ({"general": {"alpha_mask": True}}, {}, "alpha_mask"),
+    "bad_interpolation": ({"dataset": {"resize_interpolation": "sinc"}}, {}, "resize_interpolation"),
     "image_dir_in_general": ({"general": {"image_dir": "x"}}, {}, "image_dir"),
     "batch_size_in_subset": ({"subset": {"batch_size": 2}}, {}, "batch_size"),
     "bucket_steps_32": ({"dataset": {"bucket_reso_steps": 32}}, {}, "bucket_reso_steps"),
@@ -165,10 +166,10 @@ def test_every_error_names_key_and_file(tmp_path, img_dir, case):
 
 
 def test_unsupported_message_wording(tmp_path, img_dir):
-    config = {"general": {"shuffle_caption": True}, "datasets": [{"resolution": 64, "subsets": [
+    config = {"general": {"color_aug": True}, "datasets": [{"resolution": 64, "subsets": [
         {"image_dir": str(img_dir)}]}]}
     path = _toml(tmp_path, config)
-    expected = r"shuffle_caption in \[general\] in .* is not supported by this trainer"
+    expected = r"color_aug in \[general\] in .* is not supported by this trainer"
     with pytest.raises(DatasetConfigError, match=expected):
         load_dataset_config(path, cli={})
 
