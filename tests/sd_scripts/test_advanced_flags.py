@@ -102,9 +102,10 @@ def test_base_weights_merge_matches_the_lora_formula(tiny_models, tmp_path):
 
     sd = load_file(path)
     up, down = sd[f"{name}.lora_up.weight"], sd[f"{name}.lora_down.weight"]
-    trainer = SimpleNamespace(transformer=flux, clip_l=None, s=SimpleNamespace(continuation=ContinuationSettings(
-        base_weights=(path,), base_weights_multipliers=(0.5,))))
-    continuation.merge_base_weights(trainer)
+    session = SimpleNamespace(models=SimpleNamespace(transformer=flux, clip_l=None),
+                              settings=SimpleNamespace(continuation=ContinuationSettings(
+                                  base_weights=(path,), base_weights_multipliers=(0.5,))))
+    continuation.merge_base_weights(session)
     # W' = W + multiplier * alpha / rank * up @ down (rows of this diffusers Linear)
     expected = before + 0.5 * (2.0 / 4) * (up @ down)[target.row_start:target.row_end]
     assert torch.allclose(target.module.weight, expected, atol=1e-6)
@@ -262,11 +263,11 @@ def test_cpu_offload_checkpointing_context_keeps_gradients(tmp_path):
 
     from library import precision
 
-    def trainer(*extra):
-        return SimpleNamespace(s=settings(tmp_path, *extra))
+    def session(*extra):
+        return SimpleNamespace(settings=settings(tmp_path, *extra))
 
-    assert isinstance(precision.activation_offload(trainer("--cpu_offload_checkpointing")), contextlib.nullcontext)
-    active = precision.activation_offload(trainer("--cpu_offload_checkpointing", "--gradient_checkpointing"))
+    assert isinstance(precision.activation_offload(session("--cpu_offload_checkpointing")), contextlib.nullcontext)
+    active = precision.activation_offload(session("--cpu_offload_checkpointing", "--gradient_checkpointing"))
     assert isinstance(active, torch.autograd.graph.saved_tensors_hooks)
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(4, 4), torch.randn(3, 4)
