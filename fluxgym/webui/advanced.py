@@ -35,7 +35,9 @@ class AdvancedFlag:
 
 
 def _is_unsupported(action: argparse.Action) -> bool:
-    return action.default is argparse.SUPPRESS and action.help == "upstream flag, not supported by this trainer"
+    from library.args import UnsupportedFlag  # importable once trainer_parser() has run (fluxgym._paths)
+
+    return isinstance(action, UnsupportedFlag)
 
 
 def advanced_flags() -> list[AdvancedFlag]:

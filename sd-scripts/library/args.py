@@ -52,7 +52,7 @@ DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_
                    "fx2trt", "onnxrt", "tensort", "ipex", "tvm")
 
 
-class _Unsupported(argparse.Action):
+class UnsupportedFlag(argparse.Action):
     """Refuse a real upstream flag we do not implement (exit 2, naming the flag)."""
 
     def __init__(self, option_strings, dest, **kwargs):
@@ -312,7 +312,7 @@ def add_unsupported_arguments(parser: argparse.ArgumentParser) -> None:
     existing = set(parser._option_string_actions)
     for flag in UNSUPPORTED_FLAGS:
         if flag not in existing:
-            parser.add_argument(flag, action=_Unsupported)
+            parser.add_argument(flag, action=UnsupportedFlag)
 
 
 def add_flux_arguments(parser: argparse.ArgumentParser) -> None:

@@ -250,7 +250,7 @@ def test_refused_flags_all_give_a_reason():
     from library import args
 
     parser = flux_train_network.setup_parser()
-    refused = [a for a in parser._actions if isinstance(a, args._Unsupported)]
+    refused = [a for a in parser._actions if isinstance(a, args.UnsupportedFlag)]
     assert len(refused) == len(args.UNSUPPORTED_FLAGS) == 40  # 106 before issue 14
     assert all(a.reason for a in refused)
     assert "SD1/SDXL only" in args.UNSUPPORTED_FLAGS["--clip_skip"]
