@@ -87,4 +87,7 @@ def _is_user_error(exc: BaseException) -> bool:
 
 
 if __name__ == "__main__":
+    from library.console_streams import tolerate_console_errors
+
+    tolerate_console_errors()  # a closed terminal, a dead pipe reader or a full log disk must not end training
     sys.exit(main())
