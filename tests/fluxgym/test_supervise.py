@@ -223,3 +223,44 @@ def test_injected_out_of_memory_fires_at_its_step_below_its_swap(monkeypatch):
     monkeypatch.setenv("FLUXTRAIN_INJECT_OOM", "step@3")
     with pytest.raises(torch.OutOfMemoryError):
         inject_point("step", step=3, blocks_to_swap=35)
+
+
+_SAVES_THEN_LINGERS = """
+import json, os, sys, time
+out, fresh, linger = sys.argv[1], sys.argv[2] == "fresh", float(sys.argv[3])
+if fresh:
+    header = b'{"__metadata__":{}}'
+    with open(os.path.join(out, "fake.safetensors"), "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+with open(os.path.join(out, "heartbeat.json"), "w") as f:
+    json.dump({"version": 1, "pid": os.getpid(), "phase": "done", "step": 5, "total_steps": 5, "epoch": 1,
+               "time": time.time(), "phase_started": time.time()}, f)
+time.sleep(linger)  # teardown after the final save: the moment a restarted worker may re-attach
+"""
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_an_adopted_run_is_credited_with_the_lora_it_saved_before_the_re_attach(tmp_path, fresh):
+    """The final LoRA counts when written after the adopted process started, even before the re-attach; a
+    file older than the process (an earlier run's) never does."""
+    out = tmp_path / "run"
+    out.mkdir()
+    if not fresh:
+        (out / "fake.safetensors").write_bytes(b"an earlier run's LoRA")
+        os.utime(out / "fake.safetensors", (time.time() - 3600, time.time() - 3600))
+    child = subprocess.Popen([sys.executable, "-c", _SAVES_THEN_LINGERS, str(out), "fresh" if fresh else "old",
+                              "2.5"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (out / "heartbeat.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.3)  # the LoRA is now more than a second older than the re-attach
+        rec = ProcessRecord.of(child.pid)
+        sup = Supervisor(RunSpec(argv=[], cwd=REPO, output_dir=out, output_name="fake"), check_interval=0.1)
+        outcome = sup.attach(rec)
+    finally:
+        child.wait(20)
+    if fresh:
+        assert (outcome.state, outcome.lora_file) == ("done", out / "fake.safetensors"), outcome
+    else:
+        assert (outcome.state, outcome.ended_by, outcome.lora_file) == ("failed", "no_lora", None), outcome
