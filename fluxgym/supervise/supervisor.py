@@ -104,7 +104,7 @@ class Supervisor:
         return self._loop(argv, attach=None)
 
     def attach(self, rec: ProcessRecord) -> RunOutcome:
-        """Adopt a live run (no pipe: tails train.log and the heartbeats); restarts relaunch spec.argv."""
+        """Adopt a live run (follows train.log from its end, and the heartbeats); restarts relaunch spec.argv."""
         return self._loop(list(self.spec.argv), attach=rec)
 
     # -- the restart loop --------------------------------------------------------------------------
@@ -283,7 +283,7 @@ class Supervisor:
         spec = self.spec
         tracker = ProgressTracker(spec.output_dir, self.deadlines, resume_step=resume_step)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.setdefault("COLUMNS", "200")  # rich wraps log lines at 80 columns in a pipe, splitting markers
+        env.setdefault("COLUMNS", "200")  # rich wraps log lines at 80 columns when not on a tty, splitting markers
         env.update(spec.env or {})
         header = f"\n===== fluxgym supervisor launch {attempt} at {time.ctime()}: {shlex.join(argv)}\n"
         try:
