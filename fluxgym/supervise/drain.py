@@ -93,6 +93,11 @@ class LogFollower:
         self.path, self._feed, self.interval = path, feed, interval
         self.tail = TextTail()
         self.dropped = 0
+        if start is None:
+            try:
+                start = path.stat().st_size
+            except OSError:
+                start = 0  # not written yet: all of it will be new
         self._pos = start
         self._fh: BinaryIO | None = None
         self._stop = threading.Event()
@@ -108,8 +113,6 @@ class LogFollower:
             self._fh = open(self.path, "rb")
         except OSError:
             return False  # not there yet (an adopted run that has not written anything): look again later
-        if self._pos is None:
-            self._pos = os.fstat(self._fh.fileno()).st_size
         self._fh.seek(self._pos)
         return True
 

@@ -162,7 +162,8 @@ def test_a_run_outlives_its_killed_supervisor_and_status_says_how_it_ended(root,
     paths, _ = setup_lora(root)
     runner, rec = _train_and_wait_for_steps(root, paths, tmp_path)
     os.kill(runner.pid, signal.SIGKILL)  # the supervisor dies the way a crash or the OOM killer ends it
-    runner.communicate(timeout=30)
+    echoed, _ = runner.communicate(timeout=30)
+    assert b"stand-in trainer starting" in echoed  # the console echo, read back from train.log
     assert process_alive(rec)  # same pid, same start time: the trainer did not die with it
     st = run_status(paths)
     assert (st["state"], st["pid"], st["supervised"]) == ("running", rec.pid, False)

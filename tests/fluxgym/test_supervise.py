@@ -3,6 +3,7 @@ stalls, events and hints. The real-trainer faults are in test_supervise_faults.p
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from fluxgym.supervise import (Deadlines, ProcessRecord, RestartPolicy, RunSpec, Supervisor, process_alive,
                                read_events, stop_tree)
+from fluxgym.supervise.drain import LogFollower
 from fluxgym.supervise.policy import blocks_to_swap_in, next_blocks_to_swap
 from fluxgym.supervise.progress import ProgressTracker
 
@@ -264,3 +266,27 @@ def test_an_adopted_run_is_credited_with_the_lora_it_saved_before_the_re_attach(
         assert (outcome.state, outcome.lora_file) == ("done", out / "fake.safetensors"), outcome
     else:
         assert (outcome.state, outcome.ended_by, outcome.lora_file) == ("failed", "no_lora", None), outcome
+
+
+def test_the_log_follower_reads_from_its_offset_to_the_end_and_starts_over_after_a_truncation(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_bytes(b"an earlier launch\n")
+    fed: list[bytes] = []
+    console = io.BytesIO()
+    follower = LogFollower(log, fed.append, console, start=log.stat().st_size, interval=0.02)
+    with open(log, "ab") as fh:
+        fh.write(b"steps:  50%|#####     | 1/2\n")
+        fh.flush()
+        deadline = time.monotonic() + 10
+        while not fed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        log.write_bytes(b"")  # truncated by hand
+        time.sleep(0.1)
+        fh.write(b"model saved.\n")  # O_APPEND: at the new end
+    assert follower.finish(5.0)
+    assert b"".join(fed) == b"steps:  50%|#####     | 1/2\nmodel saved.\n"  # nothing from before `start`
+    assert follower.tail.lines() == ["steps:  50%|#####     | 1/2", "model saved."]
+    deadline = time.monotonic() + 5
+    while console.getvalue() != b"".join(fed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert console.getvalue() == b"".join(fed)
