@@ -55,7 +55,8 @@ class _Console:
 
     def __init__(self, echo) -> None:
         self.echo = echo
-        self.text = isinstance(echo, io.TextIOBase)
+        # sys.stdout may be a stand-in (fluxgym.closed_pipe) that is no TextIOBase: text streams have an encoding
+        self.text = isinstance(echo, io.TextIOBase) or hasattr(echo, "encoding")
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def write(self, chunk: bytes | None) -> bool:
@@ -67,7 +68,7 @@ class _Console:
                 self.echo.write(self._decoder.decode(chunk) if self.text else chunk)
             self.echo.flush()
             return True
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             return False  # a closed console must not stop anything
 
 
