@@ -8,6 +8,7 @@ option or file), 3 nothing to act on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -161,17 +162,20 @@ def _run(a, root: Path, extra: list[str]) -> int:
     deadlines = deadlines_from(a)  # ValueError naming the flag: exit 2 before anything starts
     paths = resolve_existing(root, a.name)
     policy = RestartPolicy(auto_resume=not a.no_auto_resume, max_restarts=a.max_restarts)
-    # The trainer runs in its own session, so a TERM/HUP meant for us would leave it running unsupervised
-    # (and writing into a pipe nobody reads): treat them like Ctrl-C.
-    sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
-    old = {s: signal.signal(s, _interrupt) for s in sigs}
+    # The trainer runs in its own session, so only we get the terminal's signals. A TERM meant for us ends the
+    # whole tree like Ctrl-C. A closed terminal (HUP: an ssh session dropped) ends only the console echo: the
+    # trainer writes train.log itself, so the run and its supervision go on (`fluxgym status` shows them).
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
+    if hasattr(signal, "SIGHUP"):
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         res = run_training(paths, extra, echo=None if a.quiet else sys.stdout, grace=a.grace,
                            deadlines=deadlines, policy=policy)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-    print(res.summary, file=sys.stdout if res.success else sys.stderr)
+    with contextlib.suppress(OSError):  # the terminal may be gone; last_run.json has the verdict
+        print(res.summary, file=sys.stdout if res.success else sys.stderr)
     return EXIT_OK if res.success else EXIT_FAILED
 
 

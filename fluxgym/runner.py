@@ -1,9 +1,9 @@
 """`python -m fluxgym train|resume|stop` for one LoRA: checks before launch, then the run supervisor.
 
 `run_training` checks the generated script and model files, then hands `outputs/<slug>/train.sh` to the
-one supervisor (fluxgym/supervise/): output drained into train.log, stall detection and auto-resume on by
-default, events in events.jsonl. Success only when the trainer exits 0 AND this run wrote
-`<slug>.safetensors`. `last_run.json` records the verdict; `stop_run` ends a run from any terminal.
+one supervisor (fluxgym/supervise/): the trainer writes train.log itself (so it outlives its supervisor),
+stall detection and auto-resume on by default, events in events.jsonl. Success only when the trainer exits 0
+AND this run wrote `<slug>.safetensors`. `last_run.json` records the verdict; `stop_run` ends a run from any terminal.
 """
 
 from __future__ import annotations

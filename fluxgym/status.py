@@ -16,7 +16,7 @@ from fluxgym.naming import ProjectPaths
 from fluxgym.runner import EVENTS_FILE, LAST_RUN, LOG_FILE
 from fluxgym.supervise.events import tail_events
 from fluxgym.supervise.progress import read_heartbeat
-from fluxgym.supervise.process import running
+from fluxgym.supervise.process import PID_FILE, process_alive, read_pid_file, record_from, running, supervisor_record
 
 HEARTBEAT = "heartbeat.json"
 VERDICTS = {"done": "succeeded", "failed": "failed", "stopped": "stopped"}
@@ -64,6 +64,30 @@ def newest_valid_state(paths: ProjectPaths):
     return checkpoint_validation().newest_valid_state(paths.output_dir, output_name=paths.slug)
 
 
+def finished_unwatched(output_dir: Path, lora_name: str, since: float) -> Path | None:
+    """The final LoRA when a run that began at `since` (unix s) finished well while no supervisor watched
+    it (heartbeat `done`, a valid `<lora_name>.safetensors` written since then), else None."""
+    hb = _read_json(Path(output_dir) / HEARTBEAT)
+    if hb is None or hb.get("phase") != "done" or float(hb.get("time") or 0) < since - 1.0:
+        return None
+    lora = Path(output_dir) / f"{lora_name}.safetensors"
+    try:
+        if lora.stat().st_mtime < since - 1.0:
+            return None  # an earlier run's file
+    except OSError:
+        return None
+    return lora if checkpoint_validation().validate_lora_file(lora).valid else None
+
+
+def _unwatched_end(paths: ProjectPaths) -> Path | None:
+    """A `train` whose supervisor died (killed, or an older version's closed terminal) while the trainer went
+    on: its final LoRA when the trainer then finished on its own."""
+    rec = record_from(read_pid_file(paths.out(PID_FILE)))
+    if rec is None or rec.create_time is None:
+        return None
+    return finished_unwatched(paths.output_dir, paths.slug, rec.create_time)
+
+
 def _describe(ev: dict) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(ev.get("time", 0)))
     return f"{stamp} {ev.get('message') or ev.get('event')}"
@@ -78,10 +102,13 @@ def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
     verdict = next((e for e in reversed(mine) if e["event"] in VERDICTS), None)
     live = running(paths.output_dir)
     last_run = _read_json(paths.out(LAST_RUN))
+    unwatched = _unwatched_end(paths) if live is None and verdict is None and mine else None
     if live is not None:
         state = "running"
     elif verdict is not None:
         state = VERDICTS[verdict["event"]]
+    elif unwatched is not None:
+        state = "succeeded"
     elif mine and mine[-1]["event"] != "done":
         state = "ended (no verdict recorded: the supervising process died)"
     elif last_run is not None:  # a run from before events existed
@@ -89,7 +116,10 @@ def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
     else:
         state = "not started"
     step_ev = last.get("step", {})
+    sup = supervisor_record(live)
     out = {"name": paths.slug, "state": state, "pid": (live or {}).get("pid") if live else None,
+           # False: the trainer runs on after its supervisor died (no stall detection or auto-resume now)
+           "supervised": bool(sup is not None and process_alive(sup)) if live else None,
            "phase": (last.get("phase") or {}).get("phase"), "step": step_ev.get("step"),
            "total_steps": step_ev.get("total_steps"), "epoch": step_ev.get("epoch"), "total_epochs": None,
            "loss": step_ev.get("loss"), "it_per_s": step_ev.get("it_per_s"), "eta_s": step_ev.get("eta_s"),
@@ -97,7 +127,8 @@ def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
            "restarts": [{k: e.get(k) for k in ("reason", "detail", "blocks_to_swap", "time")}
                         for e in mine if e["event"] == "restart"],
            "error": (verdict or {}).get("error"), "hint": (verdict or {}).get("hint"),
-           "lora_file": (verdict or {}).get("lora_file"), "last_run": last_run,
+           "lora_file": (verdict or {}).get("lora_file") or (str(unwatched) if unwatched else None),
+           "last_run": last_run,
            "events": [_describe(e) for e in mine if e["event"] != "step"][-lines:] if lines > 0 else [],
            "log_file": str(paths.out(LOG_FILE)), "run_id": None,
            "earlier_runs": earlier_runs(paths)}
@@ -114,6 +145,9 @@ def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
 
 def format_status(st: dict) -> str:
     lines = [f"{st['name']}: {st['state']}" + (f" (pid {st['pid']})" if st["pid"] else "")]
+    if st.get("supervised") is False:
+        lines.append(f"its supervisor is gone: training goes on without stall detection or auto-resume; "
+                     f"`python -m fluxgym stop {st['name']}` ends it")
     if st["phase"] is not None:
         age = f", heartbeat {st['heartbeat_age_s']:.0f} s ago" if st["heartbeat_age_s"] is not None else ""
         lines.append(f"phase: {st['phase']}{age}")

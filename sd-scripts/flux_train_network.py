@@ -105,5 +105,7 @@ def _train(ns: argparse.Namespace, command: list[str]) -> int:
 
 if __name__ == "__main__":
     from library import run_stop
+    from library.console_streams import tolerate_console_errors
 
+    tolerate_console_errors()  # a closed terminal, a dead pipe reader or a full log disk must not end training
     run_stop.exit_process(main())

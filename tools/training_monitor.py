@@ -3,7 +3,7 @@
 
 A thin command line over the project's one run supervisor (fluxgym/supervise/), the same code that
 `python -m fluxgym train` and the job worker use:
-- Supervise (`... -- COMMAND`): start COMMAND in its own process group, drain its output into train.log.
+- Supervise (`... -- COMMAND`): start COMMAND in its own process group, its output appended to train.log.
 - Attach (no COMMAND): watch a run started elsewhere through the pid in heartbeat.json.
 - Phase-aware deadlines, stall report + whole-tree kill, and with --auto-resume a relaunch with
   `--resume <newest valid state>` (more --blocks_to_swap after out of memory), capped and guarded

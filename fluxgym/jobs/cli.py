@@ -130,8 +130,11 @@ def run_worker(a, root: Path) -> int:
         return EXIT_USAGE
     worker = Worker(root, gpus=gpus, recover=not a.no_recover, grace=a.grace, deadlines=deadlines_from(a),
                     policy=RestartPolicy(max_restarts=a.max_restarts), echo=sys.stdout if a.echo else None)
-    sigs = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
-    old = {s: signal.signal(s, _interrupt) for s in sigs}
+    # TERM ends the worker like Ctrl-C. A closed terminal (HUP) does not: the worker and its trainings go on
+    # without a console (they write their own logs), as after `nohup`.
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
+    if hasattr(signal, "SIGHUP"):
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     t0 = time.monotonic()
     try:
         code = worker.run_until_idle() if a.until_idle else worker.run_forever()

@@ -12,7 +12,6 @@ adopted and never signalled. Jobs left `interrupted` earlier are re-queued the s
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from fluxgym.jobs.states import ACTIVE_STATES
 from fluxgym.jobs.schema import Job
 from fluxgym.jobs.store import JobStore
-from fluxgym.status import HEARTBEAT, checkpoint_validation
+from fluxgym.status import checkpoint_validation, finished_unwatched
 from fluxgym.supervise import ProcessRecord, process_alive
 from fluxgym.supervise.process import PID_FILE, read_pid_file, record_from
 
@@ -51,22 +50,7 @@ def live_process(job: Job) -> ProcessRecord | None:
 
 def finished_meanwhile(job: Job) -> Path | None:
     """The final LoRA when the run ended well while no worker watched it, else None."""
-    out = Path(job.output_dir)
-    since = (job.started or job.created) - 1.0
-    try:
-        hb = json.loads((out / HEARTBEAT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(hb, dict) or hb.get("phase") != "done" or float(hb.get("time") or 0) < since:
-        return None
-    lora = out / f"{job.lora}.safetensors"
-    try:
-        if lora.stat().st_mtime < since:
-            return None
-    except OSError:
-        return None
-    info = checkpoint_validation().validate_lora_file(lora)
-    return lora if info.valid else None
+    return finished_unwatched(Path(job.output_dir), job.lora, job.started or job.created)
 
 
 def newest_checkpoint(job: Job) -> tuple[str | None, int | None]:

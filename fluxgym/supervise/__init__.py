@@ -1,6 +1,6 @@
 """One run supervisor for `python -m fluxgym train|resume`, tools/training_monitor.py and the job worker.
 
-Launch or adopt a training run, drain its output, track its progress (heartbeats of every rank, then the
+Launch or adopt a training run, follow its train.log, track its progress (heartbeats of every rank, then the
 console markers, then file activity), end the whole process tree when a phase stops moving, resume it from
 its newest valid state (with more block swap after an out-of-memory death), and report everything as
 JSON-lines events. Stdlib + psutil only at import time (never torch): see engine.md section 1.

@@ -1,9 +1,11 @@
-"""The one output drain: the trainer's merged stdout/stderr -> train.log, the progress parser, the console.
+"""The one output drain: follow the trainer's train.log for the progress parser, the console and the error tail.
 
-- `OutputDrain`: a reader thread that never stalls the trainer (a full pipe would freeze it): the log file
-  and the parser are fed on the reader thread; the console gets chunks through a bounded queue that drops
-  when the console lags (the log has everything).
-- `LogTail`: the same feed for attach mode, from a train.log someone else writes.
+The trainer writes its merged stdout/stderr straight into train.log (`open_log` gives the launch an
+O_APPEND file, never a pipe), so its output does not depend on the supervisor staying alive: a killed
+worker, UI or `fluxgym train` leaves a run that keeps training and can be adopted later.
+- `LogFollower`: a thread that reads what is appended to train.log from a byte offset (the end of the
+  launch header, or the end of the file when adopting a run) and feeds the parser, the tail and the console.
+  The console gets chunks through a bounded queue that drops when the console lags (the file has everything).
 - `TextTail`: the last ~256 KB as a terminal would show it (last `\\r` segment of each line).
 """
 
@@ -22,6 +24,8 @@ from typing import BinaryIO, Callable
 log = logging.getLogger(__name__)
 
 _TAIL_BYTES = 256 * 1024
+_READ_BYTES = 1 << 20
+FOLLOW_INTERVAL = 0.1  # seconds between looks at train.log: the parser times steps from when it sees them
 
 
 class TextTail:
@@ -51,7 +55,8 @@ class _Console:
 
     def __init__(self, echo) -> None:
         self.echo = echo
-        self.text = isinstance(echo, io.TextIOBase)
+        # sys.stdout may be a stand-in (fluxgym.closed_pipe) that is no TextIOBase: text streams have an encoding
+        self.text = isinstance(echo, io.TextIOBase) or hasattr(echo, "encoding")
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def write(self, chunk: bytes | None) -> bool:
@@ -63,66 +68,101 @@ class _Console:
                 self.echo.write(self._decoder.decode(chunk) if self.text else chunk)
             self.echo.flush()
             return True
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             return False  # a closed console must not stop anything
 
 
-class OutputDrain:
-    """Reader thread for a pipe: file + parser always, console echo best effort (drops when it lags)."""
+def open_log(path: Path, header: str) -> tuple[BinaryIO, int]:
+    """train.log opened for appending (the launch's stdout+stderr), the header written; returns the file
+    and the offset where the launch's own output will begin. OSError when the file cannot be opened; a
+    header that cannot be written (disk full) is only logged: the trainer may still get space later."""
+    fh = open(path, "ab", buffering=0)  # O_APPEND: the trainer and every rank append whole writes at the end
+    try:
+        fh.write(header.encode("utf-8", "replace"))
+    except OSError as exc:
+        log.error("cannot write %s: %s (training starts anyway; its output may be lost)", path, exc)
+    return fh, os.fstat(fh.fileno()).st_size
 
-    def __init__(self, pipe: BinaryIO, log_path: Path, feed: Callable[[bytes], None], echo=None):
+
+class LogFollower:
+    """Follows `path` from byte offset `start` (None: its current end) on a thread of its own: every new
+    chunk goes to the tail, to `feed` (the progress parser) and to the console echo. `finish()` reads up to
+    the end of the file one last time and stops. The trainer never waits on any of it."""
+
+    def __init__(self, path: Path, feed: Callable[[bytes], None], echo=None, *, start: int | None = None,
+                 interval: float = FOLLOW_INTERVAL):
+        self.path, self._feed, self.interval = path, feed, interval
         self.tail = TextTail()
         self.dropped = 0
-        self._pipe, self._feed = pipe, feed
+        if start is None:
+            try:
+                start = path.stat().st_size
+            except OSError:
+                start = 0  # not written yet: all of it will be new
+        self._pos = start
+        self._fh: BinaryIO | None = None
+        self._stop = threading.Event()
         self._console = _Console(echo) if echo is not None else None
-        self._log: BinaryIO | None = open(log_path, "ab")
         self._queue: queue.Queue = queue.Queue(maxsize=512)
-        self._reader = threading.Thread(target=self._read, name="fluxgym-drain", daemon=True)
-        self._reader.start()
         if self._console is not None:
             threading.Thread(target=self._write_console, name="fluxgym-echo", daemon=True).start()
+        self._reader = threading.Thread(target=self._follow, name="fluxgym-drain", daemon=True)
+        self._reader.start()
 
-    def _read(self) -> None:
-        fd = self._pipe.fileno()
+    def _open(self) -> bool:
         try:
-            while True:
-                chunk = os.read(fd, 1 << 16)
+            self._fh = open(self.path, "rb")
+        except OSError:
+            return False  # not there yet (an adopted run that has not written anything): look again later
+        self._fh.seek(self._pos)
+        return True
+
+    def _read_all(self) -> None:
+        """Everything appended since the last read."""
+        if self._fh is None and not self._open():
+            return
+        while True:
+            try:
+                chunk = self._fh.read(_READ_BYTES)
                 if not chunk:
-                    break
-                self._write_log(chunk)
-                self.tail.add(chunk)
-                try:
-                    self._feed(chunk)
-                except Exception:  # a parser bug must never stop the draining
-                    log.exception("progress parser failed on a chunk of output")
-                if self._console is not None:
-                    try:
-                        self._queue.put_nowait(chunk)
-                    except queue.Full:
-                        self.dropped += len(chunk)  # the console lags; the file has everything
-        except OSError as exc:
-            log.warning("reading the training output stopped: %s", exc)
+                    if os.fstat(self._fh.fileno()).st_size < self._pos:  # truncated by hand: start over
+                        log.warning("%s was truncated; following it from its start", self.path)
+                        self._fh.seek(0)
+                        self._pos = 0
+                        continue
+                    return
+            except OSError as exc:
+                log.warning("reading %s failed: %s", self.path, exc)
+                return
+            self._pos += len(chunk)
+            self._take(chunk)
+
+    def _take(self, chunk: bytes) -> None:
+        self.tail.add(chunk)
+        try:
+            self._feed(chunk)
+        except Exception:  # a parser bug must never stop the following
+            log.exception("progress parser failed on a chunk of output")
+        if self._console is not None:
+            try:
+                self._queue.put_nowait(chunk)
+            except queue.Full:
+                self.dropped += len(chunk)  # the console lags; the file has everything
+
+    def _follow(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._read_all()
+                self._stop.wait(self.interval)
+            self._read_all()  # what was written up to the moment finish() was called
         finally:
-            if self._log is not None:
-                try:
-                    self._log.close()
-                except OSError:
-                    pass
+            if self._fh is not None:
+                self._fh.close()
             if self._console is not None:
                 try:
                     self._queue.put_nowait(None)  # ends the console thread; if it lags, it is a daemon anyway
                 except queue.Full:
                     pass
-
-    def _write_log(self, chunk: bytes) -> None:
-        if self._log is None:
-            return
-        try:
-            self._log.write(chunk)
-            self._log.flush()  # the log on disk is what `status`, attach mode and a crashed UI rely on
-        except OSError as exc:  # disk full: keep draining (a full pipe would freeze the trainer), stop logging
-            log.error("cannot write train.log any more (%s); the trainer's output is no longer saved", exc)
-            self._log = None
 
     def _write_console(self) -> None:
         while True:
@@ -130,29 +170,9 @@ class OutputDrain:
             if not self._console.write(chunk) or chunk is None:
                 return
 
-    def join(self, timeout: float) -> bool:
-        self._reader.join(timeout)
+    def finish(self, timeout: float = 5.0) -> bool:
+        """Read to the end of the file once more, then stop. True when the reader is done."""
+        self._stop.set()
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout)
         return not self._reader.is_alive()
-
-
-class LogTail:
-    """Attach mode: feed the bytes appended to an existing train.log since the last poll."""
-
-    def __init__(self, path: Path, feed: Callable[[bytes], None]):
-        self.path, self._feed, self.tail = path, feed, TextTail()
-        try:
-            self._pos = path.stat().st_size
-        except OSError:
-            self._pos = 0
-
-    def poll(self) -> None:
-        try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self._pos)
-                chunk = fh.read(8 << 20)
-        except OSError:
-            return
-        if chunk:
-            self._pos += len(chunk)
-            self.tail.add(chunk)
-            self._feed(chunk)

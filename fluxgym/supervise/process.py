@@ -16,6 +16,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import psutil
 
@@ -188,12 +189,15 @@ def stop_tree(rec: ProcessRecord, grace: float = 10.0) -> list[int]:
     return ProcessTree(rec).terminate(grace)
 
 
-def launch(argv: list[str], *, cwd: Path | None, env: dict[str, str] | None) -> tuple[subprocess.Popen, ProcessRecord]:
-    """Start `argv` with merged stdout/stderr on a pipe, in its own session (POSIX) or group (Windows)."""
+def launch(argv: list[str], *, cwd: Path | None, env: dict[str, str] | None,
+           output: BinaryIO) -> tuple[subprocess.Popen, ProcessRecord]:
+    """Start `argv` with merged stdout/stderr appended to `output` (train.log, never a pipe: a pipe's reader
+    dying would kill the run at its next write), in its own session (POSIX) or group (Windows), so neither a
+    Ctrl-C meant for the supervisor nor its terminal closing reaches it."""
     kwargs: dict = {"start_new_session": True} if IS_POSIX else {
         "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, bufsize=0, **kwargs)
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                            stderr=subprocess.STDOUT, **kwargs)
     return proc, ProcessRecord.of(proc.pid, own_group=IS_POSIX)
 
 

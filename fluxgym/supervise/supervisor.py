@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-from fluxgym.supervise.drain import LogTail, OutputDrain, TextTail
+from fluxgym.supervise.drain import LogFollower, open_log
 from fluxgym.supervise.events import EventLog
 from fluxgym.supervise.outcome import RunOutcome, first_error_line, hint_for
 from fluxgym.supervise.policy import (
@@ -82,7 +82,7 @@ class Supervisor:
                                on_event=on_event)
         self._process: ProcessRecord | None = None
         self._stop = threading.Event()
-        self._started_wall = time.time()
+        self._started_wall = self._lora_since = time.time()
         self._last: dict = {}
 
     # -- public ------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ class Supervisor:
         return self._loop(argv, attach=None)
 
     def attach(self, rec: ProcessRecord) -> RunOutcome:
-        """Adopt a live run (no pipe: tails train.log and the heartbeats); restarts relaunch spec.argv."""
+        """Adopt a live run (follows train.log from its end, and the heartbeats); restarts relaunch spec.argv."""
         return self._loop(list(self.spec.argv), attach=rec)
 
     # -- the restart loop --------------------------------------------------------------------------
@@ -115,6 +115,10 @@ class Supervisor:
         spec = self.spec
         self.events.new_run()
         self._started_wall = time.time()
+        # A final LoRA counts as this run's when written after it began: for an adopted run, when its process
+        # started (it may have saved the LoRA before we re-attached), never the moment of re-attaching.
+        born = attach.create_time if attach is not None else None
+        self._lora_since = born if born is not None else self._started_wall
         self._checkpoints: set[str] = set()
         spec.output_dir.mkdir(parents=True, exist_ok=True)
         (spec.output_dir / STOP_MARKER).unlink(missing_ok=True)
@@ -212,7 +216,7 @@ class Supervisor:
             st = path.stat() if path else None
         except OSError:
             return False
-        return st is not None and st.st_size > 0 and st.st_mtime >= self._started_wall - 1.0
+        return st is not None and st.st_size > 0 and st.st_mtime >= self._lora_since - 1.0
 
     def _restart_argv(self, argv: list[str], blocks: int | None) -> tuple[list[str], int]:
         base = with_blocks_to_swap(argv, blocks) if blocks is not None else list(argv)
@@ -279,42 +283,49 @@ class Supervisor:
         spec = self.spec
         tracker = ProgressTracker(spec.output_dir, self.deadlines, resume_step=resume_step)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.setdefault("COLUMNS", "200")  # rich wraps log lines at 80 columns in a pipe, splitting markers
+        env.setdefault("COLUMNS", "200")  # rich wraps log lines at 80 columns when not on a tty, splitting markers
         env.update(spec.env or {})
-        with open(self.log_path, "ab") as fh:
-            fh.write(f"\n===== fluxgym supervisor launch {attempt} at {time.ctime()}: {shlex.join(argv)}\n".encode())
+        header = f"\n===== fluxgym supervisor launch {attempt} at {time.ctime()}: {shlex.join(argv)}\n"
         try:
-            proc, rec = launch(argv, cwd=spec.cwd, env=env)
+            log_file, start = open_log(self.log_path, header)
+        except OSError as exc:
+            self.emit("launch_failed", f"cannot open the run's log {self.log_path}: {exc}")
+            return _Launch("launch_failed", 127, lines=(f"error: cannot open {self.log_path}: {exc} (check the "
+                                                        "output folder's permissions and free space)",))
+        try:
+            with log_file:  # the child has its own copy of the descriptor
+                proc, rec = launch(argv, cwd=spec.cwd, env=env, output=log_file)
         except OSError as exc:
             self.emit("launch_failed", f"could not start {argv[0]!r}: {exc}")
             return _Launch("launch_failed", 127, lines=(f"error: could not start {argv[0]!r}: {exc}",))
         self._process = rec
         write_pid_file(spec.output_dir / PID_FILE, rec, argv=argv, attempt=attempt)
         tree = ProcessTree(rec)
-        drain = OutputDrain(proc.stdout, self.log_path, tracker.feed, self.echo)
+        follower = LogFollower(self.log_path, tracker.feed, self.echo, start=start)
         self.emit("started", f"started pid {proc.pid}: {shlex.join(argv)}", pid=proc.pid, argv=argv, attempt=attempt)
         try:
-            return self._watch(tracker, tree, drain.tail, proc=proc, drain=drain)
+            return self._watch(tracker, tree, follower, proc=proc)
         except BaseException:
             tree.terminate(self.kill_grace)  # never leave a training run behind us
             raise
         finally:
-            if drain.join(5.0):
-                proc.stdout.close()
+            follower.finish(5.0)
             self._process = None
 
     def _watch_attached(self, rec: ProcessRecord) -> _Launch:
         tracker = ProgressTracker(self.spec.output_dir, self.deadlines, started_wall=0.0)
         tracker.adopt_heartbeat()
         tracker.resume_step = int((tracker.heartbeat or {}).get("step") or 0)
-        tail = LogTail(self.log_path, tracker.feed)
+        follower = LogFollower(self.log_path, tracker.feed, self.echo)  # from the end: what it writes from now on
         self._process = rec
         tree = ProcessTree(rec)
         self.emit("attached", f"attached to pid {rec.pid} in {self.spec.output_dir}", pid=rec.pid)
-        return self._watch(tracker, tree, tail.tail, logtail=tail)
+        try:
+            return self._watch(tracker, tree, follower)
+        finally:
+            follower.finish(5.0)
 
-    def _watch(self, tracker: ProgressTracker, tree: ProcessTree, text: TextTail, *, proc=None, drain=None,
-               logtail: LogTail | None = None) -> _Launch:
+    def _watch(self, tracker: ProgressTracker, tree: ProcessTree, follower: LogFollower, *, proc=None) -> _Launch:
         seen = _Seen()
         while True:
             rc = proc.poll() if proc is not None else None
@@ -322,52 +333,52 @@ class Supervisor:
                 tracker.poll()
                 rc = 0 if (tracker.heartbeat or {}).get("phase") == "done" else 1
             if rc is not None:
-                return self._exited(rc, tracker, tree, drain, text)
+                return self._exited(rc, tracker, tree, follower)
             if self._stop.is_set() or self._stop_marker():
                 self._kill(tree, quiet=True)
-                return self._ended("stopped", proc, tracker, text, by="user")
-            if logtail is not None:
-                logtail.poll()
+                return self._ended("stopped", proc, tracker, follower, by="user")
             tree.refresh()
             for ev in tracker.poll():
                 self.emit(ev.pop("event"), ev.pop("message"), **ev)
             self._report_progress(tracker, seen)
             if tracker.phase == "stopped" and time.monotonic() - seen.phase_at > self.deadlines.saving:
                 self._kill(tree, quiet=True)  # stopped by a signal but never exited: end it, it is no stall
-                return self._ended("stopped", proc, tracker, text, by="signal")
+                return self._ended("stopped", proc, tracker, follower, by="signal")
             stall = tracker.check()
             if stall is not None:
-                self._on_stall(stall, tracker, tree, text.lines(200))
+                self._on_stall(stall, tracker, tree, follower.tail.lines(200))
                 self._kill(tree)
-                res = self._ended("stall", proc, tracker, text)
+                res = self._ended("stall", proc, tracker, follower)
                 res.stall = stall
                 return res
             self._stop.wait(self.check_interval)
 
-    def _ended(self, kind: str, proc, tracker: ProgressTracker, text: TextTail, by: str = "") -> _Launch:
+    def _ended(self, kind: str, proc, tracker: ProgressTracker, follower: LogFollower, by: str = "") -> _Launch:
         rc = None
         if proc is not None:
             try:
                 rc = proc.wait(5.0)
             except subprocess.TimeoutExpired:
                 pass  # reported by _kill as kill_failed
+        follower.finish(5.0)  # the last lines it wrote before it was ended belong in the report
         self._last = dict(tracker.heartbeat or {})
-        return _Launch(kind, rc, tracker.advanced(), tracker.step, tracker.phase, tuple(text.lines(200)), by=by)
+        return _Launch(kind, rc, tracker.advanced(), tracker.step, tracker.phase, tuple(follower.tail.lines(200)),
+                       by=by)
 
-    def _exited(self, rc: int, tracker: ProgressTracker, tree: ProcessTree, drain, text: TextTail) -> _Launch:
+    def _exited(self, rc: int, tracker: ProgressTracker, tree: ProcessTree, follower: LogFollower) -> _Launch:
         tree.refresh(scan_group=True)  # children started since the last check are still in the group
         leftovers = [p.pid for p in tree.alive() if p.pid != tree.rec.pid]
         if leftovers:
             self.emit("leftovers", f"trainer exited but left processes {leftovers}; ending them", pids=leftovers)
             self._kill(tree)
-        if drain is not None:
-            drain.join(5.0)
+        follower.finish(5.0)
         tracker.poll()
         self._last = dict(tracker.heartbeat or {})
         self.emit("exited", f"trainer exited with {describe_exit(rc)} at step {tracker.step}", rc=rc,
                   step=tracker.step)
         by = "signal" if tracker.phase == "stopped" else ""
-        return _Launch("exit", rc, tracker.advanced(), tracker.step, tracker.phase, tuple(text.lines(200)), by=by)
+        return _Launch("exit", rc, tracker.advanced(), tracker.step, tracker.phase, tuple(follower.tail.lines(200)),
+                       by=by)
 
     # -- reporting ---------------------------------------------------------------------------------
     def _report_progress(self, tracker: ProgressTracker, seen: "_Seen") -> None:

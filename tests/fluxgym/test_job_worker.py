@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -248,3 +249,19 @@ def test_a_store_locked_for_a_while_is_waited_out(root, stand_in):
         release.join()
     assert time.monotonic() - t0 >= 1.5  # it did not give up, nor call the queue empty, while locked
     assert JobStore.open(root).get(job.id).state == "done"
+
+
+def test_a_closed_terminal_does_not_end_the_worker_or_its_run(root, stand_in):
+    job, paths = stand_in_job(root, "Dropped Ssh")
+    env = dict(os.environ, FG_MODE="slow", FG_SLEEP="2")
+    proc = subprocess.Popen([sys.executable, "-m", "fluxgym", "worker", "--until-idle", "--root", str(root)],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    store = JobStore.open(root)
+    deadline = time.monotonic() + 30
+    while store.get(job.id).pid is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGHUP)  # what an ssh session that drops sends
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    after = store.get(job.id)
+    assert after.state == "done" and after.restarts == 0 and after.lora_file == str(paths.final_lora)

@@ -20,6 +20,8 @@ from fluxgym.generate import REPO_ROOT
 from fluxgym.models import ModelError
 from fluxgym.runner import LAST_RUN, LOG_FILE, PID_FILE, RunError, run_training, stop_run
 from fluxgym.status import format_status, run_status
+from fluxgym.supervise import ProcessRecord, process_alive, read_events
+from fluxgym.supervise.process import read_pid_file, record_from
 
 
 def _gone(pid: int) -> bool:
@@ -138,6 +140,53 @@ def test_ctrl_c_ends_the_whole_tree(root, tmp_path):
     assert runner.returncode == 1, out.decode()
     assert b"stopped" in out
     assert _gone(pids["trainer"]) and _gone(pids["grandchild"])
+
+
+def _train_and_wait_for_steps(root, paths, tmp_path) -> tuple[subprocess.Popen, ProcessRecord]:
+    """`fluxgym train` with a stand-in that prints a step line every 0.2 s for 3 s; returns once it is training."""
+    env = stand_in_env(tmp_path, FG_MODE="slow", FG_SLEEP=3)
+    runner = subprocess.Popen([sys.executable, "-m", "fluxgym", "train", "my-lora", "--root", str(root)],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    echoed = [runner.stdout.readline() for _ in range(2)]  # the console echo, read back from train.log
+    if echoed != [b"stand-in trainer starting\n", b"steps: working\n"]:
+        runner.kill()
+        raise AssertionError(f"the stand-in never started training: {echoed}")
+    return runner, record_from(read_pid_file(paths.out(PID_FILE)))
+
+
+def test_a_run_outlives_its_killed_supervisor_and_status_says_how_it_ended(root, tmp_path):
+    paths, _ = setup_lora(root)
+    runner, rec = _train_and_wait_for_steps(root, paths, tmp_path)
+    os.kill(runner.pid, signal.SIGKILL)  # the supervisor dies the way a crash or the OOM killer ends it
+    runner.communicate(timeout=30)
+    assert process_alive(rec)  # same pid, same start time: the trainer did not die with it
+    st = run_status(paths)
+    assert (st["state"], st["pid"], st["supervised"]) == ("running", rec.pid, False)
+    assert "its supervisor is gone" in format_status(st)
+    deadline = time.monotonic() + 30
+    while process_alive(rec) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_alive(rec)
+    log = paths.out(LOG_FILE).read_text()
+    assert log.rstrip().endswith("model saved.")  # its output after the kill still reached train.log
+    assert paths.final_lora.is_file()
+    proc = subprocess.run([sys.executable, "-m", "fluxgym", "status", "my-lora", "--root", str(root), "--json"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    st = json.loads(proc.stdout)
+    assert (st["state"], st["lora_file"], st["pid"]) == ("succeeded", str(paths.final_lora), None), st
+    started = [e for e in read_events(paths.out("events.jsonl"))[0] if e["event"] == "started"]
+    assert len(started) == 1  # it ran once: nothing relaunched it
+
+
+def test_a_closed_terminal_ends_only_the_console_echo(root, tmp_path):
+    paths, _ = setup_lora(root)
+    runner, rec = _train_and_wait_for_steps(root, paths, tmp_path)
+    runner.send_signal(signal.SIGHUP)  # what an ssh session that drops sends
+    out, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 0, out.decode()[-2000:]
+    last = json.loads(paths.out(LAST_RUN).read_text())
+    assert last["success"] is True and not last["restarts"] and paths.final_lora.is_file()
+    assert not process_alive(rec)
 
 
 def test_status_reads_heartbeat_and_events(root, tmp_path):

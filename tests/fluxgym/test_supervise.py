@@ -3,6 +3,7 @@ stalls, events and hints. The real-trainer faults are in test_supervise_faults.p
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from fluxgym.supervise import (Deadlines, ProcessRecord, RestartPolicy, RunSpec, Supervisor, process_alive,
                                read_events, stop_tree)
+from fluxgym.supervise.drain import LogFollower
 from fluxgym.supervise.policy import blocks_to_swap_in, next_blocks_to_swap
 from fluxgym.supervise.progress import ProgressTracker
 
@@ -223,3 +225,68 @@ def test_injected_out_of_memory_fires_at_its_step_below_its_swap(monkeypatch):
     monkeypatch.setenv("FLUXTRAIN_INJECT_OOM", "step@3")
     with pytest.raises(torch.OutOfMemoryError):
         inject_point("step", step=3, blocks_to_swap=35)
+
+
+_SAVES_THEN_LINGERS = """
+import json, os, sys, time
+out, fresh, linger = sys.argv[1], sys.argv[2] == "fresh", float(sys.argv[3])
+if fresh:
+    header = b'{"__metadata__":{}}'
+    with open(os.path.join(out, "fake.safetensors"), "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+with open(os.path.join(out, "heartbeat.json"), "w") as f:
+    json.dump({"version": 1, "pid": os.getpid(), "phase": "done", "step": 5, "total_steps": 5, "epoch": 1,
+               "time": time.time(), "phase_started": time.time()}, f)
+time.sleep(linger)  # teardown after the final save: the moment a restarted worker may re-attach
+"""
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_an_adopted_run_is_credited_with_the_lora_it_saved_before_the_re_attach(tmp_path, fresh):
+    """The final LoRA counts when written after the adopted process started, even before the re-attach; a
+    file older than the process (an earlier run's) never does."""
+    out = tmp_path / "run"
+    out.mkdir()
+    if not fresh:
+        (out / "fake.safetensors").write_bytes(b"an earlier run's LoRA")
+        os.utime(out / "fake.safetensors", (time.time() - 3600, time.time() - 3600))
+    child = subprocess.Popen([sys.executable, "-c", _SAVES_THEN_LINGERS, str(out), "fresh" if fresh else "old",
+                              "2.5"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (out / "heartbeat.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.3)  # the LoRA is now more than a second older than the re-attach
+        rec = ProcessRecord.of(child.pid)
+        sup = Supervisor(RunSpec(argv=[], cwd=REPO, output_dir=out, output_name="fake"), check_interval=0.1)
+        outcome = sup.attach(rec)
+    finally:
+        child.wait(20)
+    if fresh:
+        assert (outcome.state, outcome.lora_file) == ("done", out / "fake.safetensors"), outcome
+    else:
+        assert (outcome.state, outcome.ended_by, outcome.lora_file) == ("failed", "no_lora", None), outcome
+
+
+def test_the_log_follower_reads_from_its_offset_to_the_end_and_starts_over_after_a_truncation(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_bytes(b"an earlier launch\n")
+    fed: list[bytes] = []
+    console = io.BytesIO()
+    follower = LogFollower(log, fed.append, console, start=log.stat().st_size, interval=0.02)
+    with open(log, "ab") as fh:
+        fh.write(b"steps:  50%|#####     | 1/2\n")
+        fh.flush()
+        deadline = time.monotonic() + 10
+        while not fed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        log.write_bytes(b"")  # truncated by hand
+        time.sleep(0.1)
+        fh.write(b"model saved.\n")  # O_APPEND: at the new end
+    assert follower.finish(5.0)
+    assert b"".join(fed) == b"steps:  50%|#####     | 1/2\nmodel saved.\n"  # nothing from before `start`
+    assert follower.tail.lines() == ["steps:  50%|#####     | 1/2", "model saved."]
+    deadline = time.monotonic() + 5
+    while console.getvalue() != b"".join(fed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert console.getvalue() == b"".join(fed)
