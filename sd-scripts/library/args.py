@@ -38,8 +38,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--offload_optimizer_nvme_path": _DEEPSPEED, "--offload_param_device": _DEEPSPEED,
     "--offload_param_nvme_path": _DEEPSPEED, "--zero3_init_flag": _DEEPSPEED, "--zero3_save_16bit_model": _DEEPSPEED,
     "--fp16_master_weights_and_gradients": _DEEPSPEED,
-    "--ddp_gradient_as_bucket_view": "no DDP wrapper here: LoRA gradients are averaged by the trainer itself",
-    "--ddp_static_graph": "no DDP wrapper here: LoRA gradients are averaged by the trainer itself",
     "--fused_backward_pass": "full fine-tuning only (flux_train.py); upstream's LoRA path does not use it either",
     "--network_train_text_encoder_only": "not implemented; FLUX LoRA trains the transformer (and CLIP-L)",
     "--model_type": "Chroma: this trainer trains FLUX.1 dev/schnell only",
@@ -131,6 +129,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fp8_base", action="store_true")
     group.add_argument("--ddp_timeout", type=float, default=None,
                        help="minutes (fractions allowed); bounds every multi-process barrier and collective")
+    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
+                       help="accepted; no DDP wrapper here (the trainer averages LoRA gradients itself)")
+    group.add_argument("--ddp_static_graph", action="store_true",
+                       help="accepted; no DDP wrapper here (the trainer averages LoRA gradients itself)")
     group.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"])
     group.add_argument("--lowram", action="store_true", help="accepted; no effect on this trainer")
     group.add_argument("--highvram", action="store_true", help="accepted; no effect on this trainer")
