@@ -32,7 +32,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--token_warmup_step": "token warmup is an SD1/SDXL caption option; not used by FLUX LoRA",
     "--in_json": "fine-tuning metadata datasets are not handled; use image folders or --dataset_config",
     "--dataset_class": "custom dataset classes are not handled; use image folders or --dataset_config",
-    "--debug_dataset": "not implemented; check the dataset summary printed at start instead",
     "--conditioning_data_dir": _CONTROLNET, "--controlnet_model_name_or_path": _CONTROLNET,
     "--deepspeed": _DEEPSPEED, "--zero_stage": _DEEPSPEED, "--offload_optimizer_device": _DEEPSPEED,
     "--offload_optimizer_nvme_path": _DEEPSPEED, "--offload_param_device": _DEEPSPEED,
@@ -99,6 +98,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_bucket_reso", type=int, default=1024)
     group.add_argument("--bucket_reso_steps", type=int, default=64)
     group.add_argument("--bucket_no_upscale", action="store_true")
+    group.add_argument("--debug_dataset", action="store_true",
+                       help="list each image with its epoch-1 caption, bucket and repeats, then exit 0 (no training)")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:

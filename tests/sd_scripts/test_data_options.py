@@ -123,3 +123,22 @@ def test_resize_interpolation_changes_the_pixels_and_the_cache_fingerprint(tmp_p
     assert torch.equal(load_image_tensor(nearest), (torch.from_numpy(ref.copy()) / 127.5 - 1.0).permute(2, 0, 1))
     assert not torch.equal(load_image_tensor(nearest), load_image_tensor(lanczos))
     assert _image_fingerprint(nearest, "e") != _image_fingerprint(lanczos, "e")
+
+
+def test_debug_dataset_lists_items_and_exits_without_models_or_output(tmp_path, capsys):
+    """--debug_dataset: each image with its epoch-1 caption, bucket and repeats, exit 0; the model paths do not
+    exist and the output folder is never created, so nothing was loaded, locked or written."""
+    from train_helpers import run_trainer_in_process
+
+    folder = _images(tmp_path / "data" / "3_tok", 2, size=(64, 96))
+    (folder / "0.txt").write_text("a red square", encoding="utf-8")
+    out = tmp_path / "out"
+    rc = run_trainer_in_process([
+        "--pretrained_model_name_or_path", str(tmp_path / "missing.sft"), "--clip_l", "/missing/c", "--t5xxl",
+        "/missing/t", "--ae", "/missing/a", "--train_data_dir", str(tmp_path / "data"), "--resolution", "64",
+        "--caption_extension", ".txt", "--caption_prefix", "photo of", "--output_dir", str(out), "--debug_dataset"])
+    text = capsys.readouterr().out
+    assert rc == 0 and not out.exists()
+    assert f"image: {folder / '0.png'}\n    caption (epoch 1): photo of a red square\n    bucket: 64x64  repeats: 3" in text
+    assert f"image: {folder / '1.png'}\n    caption (epoch 1): photo of tok\n" in text  # no caption file: class tokens
+    assert "batches per epoch: 6" in text and "nothing was trained" in text
