@@ -25,8 +25,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--vae": "SD1/SDXL only; the FLUX autoencoder is --ae", "--max_token_length": _SD_ONLY + " (T5: --t5xxl_max_token_length)",
     "--zero_terminal_snr": _SD_NOISE, "--min_snr_gamma": _SD_NOISE, "--debiased_estimation_loss": _SD_NOISE,
     "--scale_v_pred_loss_like_noise_pred": _SD_NOISE, "--v_pred_like_loss": _SD_NOISE,
-    "--multires_noise_iterations": _SD_NOISE, "--multires_noise_discount": _SD_NOISE,
-    "--adaptive_noise_scale": _SD_NOISE,
     "--weighted_captions": "SD1/SDXL prompt weighting; not used by FLUX LoRA",
     "--token_warmup_min": "token warmup is an SD1/SDXL caption option; not used by FLUX LoRA",
     "--token_warmup_step": "token warmup is an SD1/SDXL caption option; not used by FLUX LoRA",
@@ -37,8 +35,8 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--offload_optimizer_nvme_path": _DEEPSPEED, "--offload_param_device": _DEEPSPEED,
     "--offload_param_nvme_path": _DEEPSPEED, "--zero3_init_flag": _DEEPSPEED, "--zero3_save_16bit_model": _DEEPSPEED,
     "--fp16_master_weights_and_gradients": _DEEPSPEED,
-    "--fused_backward_pass": "full fine-tuning only (flux_train.py); upstream's LoRA path does not use it either",
     "--network_train_text_encoder_only": "not implemented; FLUX LoRA trains the transformer (and CLIP-L)",
+    "--fused_backward_pass": "full fine-tuning only (flux_train.py); upstream's LoRA path does not use it either",
     "--model_type": "Chroma: this trainer trains FLUX.1 dev/schnell only",
     "--bypass_flux_guidance": "Chroma only; not used by FLUX.1 LoRA",
     # augmentations that change the pixels every step: they need the VAE per step, and latents are always cached here
@@ -272,6 +270,12 @@ def add_regularisation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--noise_offset", type=float, default=None, help="per-channel offset noise strength (~0.1)")
     group.add_argument("--noise_offset_random_strength", action="store_true",
                        help="offset strength drawn uniformly from 0..noise_offset each step")
+    group.add_argument("--adaptive_noise_scale", type=float, default=None,
+                       help="adds this times |mean of each latent channel| to the noise offset (needs --noise_offset)")
+    group.add_argument("--multires_noise_iterations", type=int, default=None,
+                       help="pyramid (multi-resolution) noise levels, e.g. 6-10")
+    group.add_argument("--multires_noise_discount", type=float, default=0.3,
+                       help="weight falloff per pyramid level (default 0.3)")
     group.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise (~0.1)")
     group.add_argument("--ip_noise_gamma_random_strength", action="store_true",
                        help="perturbation strength drawn uniformly from 0..ip_noise_gamma each step")

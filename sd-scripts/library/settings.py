@@ -103,6 +103,9 @@ class FlowSettings:
     # library.noise: offset/perturbation noise, the trained timestep range and the Huber threshold schedule
     noise_offset: float = 0.0
     noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None  # adds scale * |latent channel mean| to the offset strength
+    multires_noise_iterations: int = 0  # 0: off
+    multires_noise_discount: float = 0.3
     ip_noise_gamma: float = 0.0
     ip_noise_gamma_random_strength: bool = False
     min_timestep: int | None = None

@@ -1,7 +1,7 @@
 """The tiny model trained with a realistic flag set from a FLUX LoRA guide, and resumed bit-identically.
 
 Flags: TensorBoard logging, validation split, full bf16, caption shuffle and dropout, network/rank/module dropout,
-noise offset, ip noise gamma, a timestep range, Huber loss on the exponential schedule, cosine with restarts,
+noise offset with adaptive scale, multires (pyramid) noise, ip noise gamma, a timestep range, Huber loss on the exponential schedule, cosine with restarts,
 weight-norm scaling, a regularisation subset with --prior_loss_weight, an alpha-masked subset with --masked_loss,
 and a Hub repository while offline. The run interrupted after step 2 and resumed must log the same per-step
 losses and end with the same LoRA tensors as the uninterrupted one: caption processing, dropout masks and noise
@@ -27,6 +27,7 @@ GUIDE_FLAGS = [
     "--shuffle_caption", "--keep_tokens", "1", "--caption_dropout_rate", "0.3", "--caption_tag_dropout_rate", "0.2",
     "--network_dropout", "0.1", "--network_args", "rank_dropout=0.1", "module_dropout=0.1",
     "--noise_offset", "0.05", "--noise_offset_random_strength", "--ip_noise_gamma", "0.05",
+    "--adaptive_noise_scale", "0.01", "--multires_noise_iterations", "3", "--multires_noise_discount", "0.4",
     "--min_timestep", "50", "--max_timestep", "950",
     "--loss_type", "huber", "--huber_schedule", "exponential", "--huber_c", "0.2",
     "--lr_scheduler", "cosine_with_restarts", "--lr_scheduler_num_cycles", "2",
@@ -88,6 +89,8 @@ def test_guide_flag_set_trains_and_resumes_bit_identically(tiny_models, tmp_path
         meta = handle.metadata()
     assert (meta["ss_noise_offset"], meta["ss_network_dropout"], meta["ss_huber_schedule"],
             meta["ss_num_reg_images"], meta["ss_prior_loss_weight"]) == ("0.05", "0.1", "exponential", "2", "0.5")
+    assert (meta["ss_adaptive_noise_scale"], meta["ss_multires_noise_iterations"],
+            meta["ss_multires_noise_discount"]) == ("0.01", "3", "0.4")
     subsets = json.loads(meta["ss_datasets"])[0]["subsets"]
     assert [(s["shuffle_caption"], s["is_reg"], s["alpha_mask"]) for s in subsets] == [(True, False, True),
                                                                                        (True, True, False)]
@@ -105,3 +108,4 @@ def test_guide_flag_set_trains_and_resumes_bit_identically(tiny_models, tmp_path
     assert again.keys() == tensors.keys()
     for key in tensors:
         assert torch.equal(again[key], tensors[key]), key
+
