@@ -1,8 +1,8 @@
 """The tiny model trained with a realistic flag set from a FLUX LoRA guide, and resumed bit-identically.
 
 Flags: TensorBoard logging, validation split, full bf16, caption shuffle and dropout, network/rank/module dropout,
-noise offset with adaptive scale, multires (pyramid) noise, ip noise gamma, a timestep range, Huber loss on the exponential schedule, cosine with restarts,
-weight-norm scaling, a regularisation subset with --prior_loss_weight, an alpha-masked subset with --masked_loss,
+noise offset with adaptive scale, multires (pyramid) noise, ip noise gamma, a timestep range, Huber loss on the
+exponential schedule, cosine with restarts, weight-norm scaling, a regularisation subset with --prior_loss_weight, an alpha-masked subset with --masked_loss,
 and a Hub repository while offline. The run interrupted after step 2 and resumed must log the same per-step
 losses and end with the same LoRA tensors as the uninterrupted one: caption processing, dropout masks and noise
 all depend only on (seed, step/epoch, item).
