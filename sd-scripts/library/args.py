@@ -35,7 +35,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--offload_optimizer_nvme_path": _DEEPSPEED, "--offload_param_device": _DEEPSPEED,
     "--offload_param_nvme_path": _DEEPSPEED, "--zero3_init_flag": _DEEPSPEED, "--zero3_save_16bit_model": _DEEPSPEED,
     "--fp16_master_weights_and_gradients": _DEEPSPEED,
-    "--network_train_text_encoder_only": "not implemented; FLUX LoRA trains the transformer (and CLIP-L)",
     "--fused_backward_pass": "full fine-tuning only (flux_train.py); upstream's LoRA path does not use it either",
     "--model_type": "Chroma: this trainer trains FLUX.1 dev/schnell only",
     "--bypass_flux_guidance": "Chroma only; not used by FLUX.1 LoRA",
@@ -175,6 +174,8 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--network_alpha", type=float, default=1)
     group.add_argument("--network_args", type=str, default=None, nargs="*")
     group.add_argument("--network_train_unet_only", action="store_true")
+    group.add_argument("--network_train_text_encoder_only", action="store_true",
+                       help="train only the CLIP-L LoRA (no transformer LoRA modules)")
     group.add_argument("--training_comment", type=str, default=None)
 
 

@@ -63,6 +63,7 @@ class NetworkSettings:
     args: dict
     train_unet_only: bool
     weights: str | None
+    train_text_encoder_only: bool = False  # CLIP-L LoRA only: the network has no transformer modules
 
     @property
     def train_blocks(self) -> str:
@@ -276,6 +277,8 @@ class TrainSettings:
             "train_blocks": self.network.train_blocks,
             "network_train_unet_only": self.network.train_unet_only,
             "optimizer_type": self.optimizer.type.lower() or "adamw",
+            # only when set, so that states written before this flag existed keep their digest
+            **({"network_train_text_encoder_only": True} if self.network.train_text_encoder_only else {}),
         }
 
     def args_digest(self) -> str:
@@ -316,6 +319,9 @@ def _check_network(ns: argparse.Namespace) -> None:
         raise SettingsError(f"--save_model_as {ns.save_model_as}: only safetensors is supported")
     if ns.gradient_accumulation_steps != 1:
         raise SettingsError("--gradient_accumulation_steps: " "not supported by this trainer (use 1)")
+    if ns.network_train_unet_only and ns.network_train_text_encoder_only:
+        raise SettingsError("--network_train_unet_only and --network_train_text_encoder_only: together they train "
+                            "nothing; give at most one of them")
 
 
 def _blocks_to_swap(ns: argparse.Namespace) -> int:
@@ -484,7 +490,8 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
         max_train_steps=ns.max_train_steps, max_train_epochs=ns.max_train_epochs,
         blocks_to_swap=_blocks_to_swap(ns), batch_size=ns.train_batch_size)
     network = NetworkSettings(module="networks.lora_flux", dim=dim, alpha=alpha, args=network_args,
-                              train_unet_only=ns.network_train_unet_only, weights=ns.network_weights)
+                              train_unet_only=ns.network_train_unet_only, weights=ns.network_weights,
+                              train_text_encoder_only=ns.network_train_text_encoder_only)
     return TrainSettings(model=model, data=_data(ns), network=network, optimizer=_optimizer(ns), flow=flow,
                          save=_save(ns), sample=_sample(ns), guards=guards, run=run, raw=dict(vars(ns)), **extra)
 

@@ -2,8 +2,8 @@
 
 Flags: TensorBoard logging, validation split, full bf16, caption shuffle and dropout, network/rank/module dropout,
 noise offset with adaptive scale, multires (pyramid) noise, ip noise gamma, a timestep range, Huber loss on the
-exponential schedule, cosine with restarts, weight-norm scaling, a regularisation subset with --prior_loss_weight, an alpha-masked subset with --masked_loss,
-and a Hub repository while offline. The run interrupted after step 2 and resumed must log the same per-step
+exponential schedule, cosine with restarts, weight-norm scaling, a regularisation subset with --prior_loss_weight,
+an alpha-masked subset with --masked_loss, and a Hub repository while offline. The run interrupted after step 2 and resumed must log the same per-step
 losses and end with the same LoRA tensors as the uninterrupted one: caption processing, dropout masks and noise
 all depend only on (seed, step/epoch, item).
 """
@@ -109,3 +109,26 @@ def test_guide_flag_set_trains_and_resumes_bit_identically(tiny_models, tmp_path
     for key in tensors:
         assert torch.equal(again[key], tensors[key]), key
 
+
+def test_network_train_text_encoder_only_trains_the_clip_lora_alone(tiny_models, tmp_path):
+    """As upstream: the transformer LoRA modules are dropped, so the saved file holds lora_te1_ keys only, and
+    those were trained (their up weights start at zero); with --network_train_unet_only it is an error."""
+    from train_helpers import run_trainer_in_process
+
+    _, toml = make_dataset(tmp_path / "data", count=2)
+    out = tmp_path / "out"
+    rc = run_trainer_in_process(trainer_args(tiny_models, toml, out, "--max_train_steps", "2",
+                                             "--network_train_text_encoder_only"))
+    assert rc == 0
+    tensors = load_file(str(out / "tiny.safetensors"))
+    assert tensors and all(key.startswith("lora_te1_") for key in tensors)
+    ups = [t for key, t in tensors.items() if key.endswith("lora_up.weight")]
+    assert ups and all(float(t.abs().max()) > 0 for t in ups)  # every CLIP-L module moved from its zero init
+
+    import flux_train_network
+    from library.settings import SettingsError, settings_from_args
+
+    ns = flux_train_network.setup_parser().parse_args(trainer_args(
+        tiny_models, toml, out, "--network_train_text_encoder_only", "--network_train_unet_only"))
+    with pytest.raises(SettingsError, match="--network_train_unet_only and --network_train_text_encoder_only"):
+        settings_from_args(ns)
