@@ -53,6 +53,7 @@ class DataSettings:
     persistent_workers: bool
     reg_data_dir: str | None = None
     prior_loss_weight: float = 1.0  # loss weight of regularisation images
+    in_json: str | None = None  # upstream's fine-tuning metadata file, with train_data_dir
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,11 @@ def _data(ns: argparse.Namespace) -> DataSettings:
 
     if not ns.dataset_config and not ns.train_data_dir:
         raise SettingsError("--dataset_config (a dataset.toml) or --train_data_dir is required")
+    if ns.in_json and not ns.dataset_config:
+        if not ns.train_data_dir:
+            raise SettingsError("--in_json needs --train_data_dir: the folder holding the images it lists")
+        if not Path(ns.in_json).is_file():
+            raise SettingsError(f"--in_json {ns.in_json}: file not found")
     resolution = None
     if ns.resolution:
         parts = [int(p) for p in str(ns.resolution).replace("x", ",").split(",") if p.strip()]
@@ -369,7 +375,7 @@ def _data(ns: argparse.Namespace) -> DataSettings:
         cache_text_encoder_outputs_to_disk=ns.cache_text_encoder_outputs_to_disk,
         vae_batch_size=max(1, ns.vae_batch_size), text_encoder_batch_size=ns.text_encoder_batch_size,
         num_workers=max(0, ns.max_data_loader_n_workers), persistent_workers=ns.persistent_data_loader_workers,
-        reg_data_dir=ns.reg_data_dir, prior_loss_weight=ns.prior_loss_weight)
+        reg_data_dir=ns.reg_data_dir, prior_loss_weight=ns.prior_loss_weight, in_json=ns.in_json)
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion")
