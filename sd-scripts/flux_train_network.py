@@ -80,6 +80,10 @@ def _train(ns: argparse.Namespace, command: list[str]) -> int:
     from library.settings import settings_from_args
 
     settings = settings_from_args(ns)
+    if ns.debug_dataset:  # upstream's dry look at the data: before any lock, run record or model load
+        from library.dataset_debug import show_dataset
+
+        return show_dataset(settings)
     if not settings.hub.online:  # uploads (--huggingface_repo_id) need the Hub; nothing else downloads
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # FIX: never wait on a hub download mid-run
     # Every check that needs no weights, the output-folder lock (held until the end) and the run identity.

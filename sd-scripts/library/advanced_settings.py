@@ -84,6 +84,26 @@ def _validation(ns: argparse.Namespace, seed: int) -> ValidationSettings:
                               every_n_steps=every_steps, every_n_epochs=every_epochs, max_steps=max_steps)
 
 
+# Upstream flags accepted for compatibility that change nothing here: (flags, why). One warning per row, naming the
+# first flag of the row that was given, so a recipe passing both attention flags sees one line, not two.
+_NO_EFFECT_FLAGS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("xformers", "mem_eff_attn"), "FLUX attention always uses torch SDPA here"),
+    (("ddp_gradient_as_bucket_view",), "there is no DDP wrapper here: the trainer averages the LoRA gradients itself"),
+    (("ddp_static_graph",), "there is no DDP wrapper here: the trainer averages the LoRA gradients itself"),
+)
+
+
+def warn_no_effect_flags(ns: argparse.Namespace) -> list[str]:
+    """Warn once per accepted-but-ineffective upstream flag (row of _NO_EFFECT_FLAGS); returns the messages."""
+    messages = []
+    for flags, why in _NO_EFFECT_FLAGS:
+        given = [flag for flag in flags if getattr(ns, flag, False)]
+        if given:
+            messages.append(f"--{given[0]}: accepted, no effect: {why}")
+            log.warning("%s", messages[-1])
+    return messages
+
+
 def _precision(ns: argparse.Namespace) -> PrecisionSettings:
     if ns.full_bf16 and ns.full_fp16:
         raise SettingsError("--full_bf16 and --full_fp16: give only one of them")
@@ -96,9 +116,6 @@ def _precision(ns: argparse.Namespace) -> PrecisionSettings:
                                 "(as upstream): use one of them")
         if not ns.gradient_checkpointing:
             log.warning("--cpu_offload_checkpointing has no effect without --gradient_checkpointing")
-    if ns.mem_eff_attn or ns.xformers:
-        flag = "--xformers" if ns.xformers else "--mem_eff_attn"
-        log.warning("%s: accepted, no effect: FLUX attention always uses torch SDPA here", flag)
     if ns.torch_compile:
         import torch._dynamo
 
@@ -165,5 +182,6 @@ def network_dim_alpha(ns: argparse.Namespace) -> tuple[int, float]:
 def advanced_settings_from_args(ns: argparse.Namespace) -> dict:
     """The TrainSettings fields this module owns, as keyword arguments."""
     seed = ns.seed if ns.seed is not None else 42
+    warn_no_effect_flags(ns)
     return {"tracking": _tracking(ns), "validation": _validation(ns, seed), "precision": _precision(ns),
             "continuation": _continuation(ns)}

@@ -25,23 +25,16 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--vae": "SD1/SDXL only; the FLUX autoencoder is --ae", "--max_token_length": _SD_ONLY + " (T5: --t5xxl_max_token_length)",
     "--zero_terminal_snr": _SD_NOISE, "--min_snr_gamma": _SD_NOISE, "--debiased_estimation_loss": _SD_NOISE,
     "--scale_v_pred_loss_like_noise_pred": _SD_NOISE, "--v_pred_like_loss": _SD_NOISE,
-    "--multires_noise_iterations": _SD_NOISE, "--multires_noise_discount": _SD_NOISE,
-    "--adaptive_noise_scale": _SD_NOISE,
     "--weighted_captions": "SD1/SDXL prompt weighting; not used by FLUX LoRA",
     "--token_warmup_min": "token warmup is an SD1/SDXL caption option; not used by FLUX LoRA",
     "--token_warmup_step": "token warmup is an SD1/SDXL caption option; not used by FLUX LoRA",
-    "--in_json": "fine-tuning metadata datasets are not handled; use image folders or --dataset_config",
     "--dataset_class": "custom dataset classes are not handled; use image folders or --dataset_config",
-    "--debug_dataset": "not implemented; check the dataset summary printed at start instead",
     "--conditioning_data_dir": _CONTROLNET, "--controlnet_model_name_or_path": _CONTROLNET,
     "--deepspeed": _DEEPSPEED, "--zero_stage": _DEEPSPEED, "--offload_optimizer_device": _DEEPSPEED,
     "--offload_optimizer_nvme_path": _DEEPSPEED, "--offload_param_device": _DEEPSPEED,
     "--offload_param_nvme_path": _DEEPSPEED, "--zero3_init_flag": _DEEPSPEED, "--zero3_save_16bit_model": _DEEPSPEED,
     "--fp16_master_weights_and_gradients": _DEEPSPEED,
-    "--ddp_gradient_as_bucket_view": "no DDP wrapper here: LoRA gradients are averaged by the trainer itself",
-    "--ddp_static_graph": "no DDP wrapper here: LoRA gradients are averaged by the trainer itself",
     "--fused_backward_pass": "full fine-tuning only (flux_train.py); upstream's LoRA path does not use it either",
-    "--network_train_text_encoder_only": "not implemented; FLUX LoRA trains the transformer (and CLIP-L)",
     "--model_type": "Chroma: this trainer trains FLUX.1 dev/schnell only",
     "--bypass_flux_guidance": "Chroma only; not used by FLUX.1 LoRA",
     # augmentations that change the pixels every step: they need the VAE per step, and latents are always cached here
@@ -83,6 +76,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("dataset")
     group.add_argument("--train_data_dir", type=str, default=None, help="folder of `<repeats>_<name>` subfolders")
     group.add_argument("--dataset_config", type=str, default=None, help="dataset .toml or .json")
+    group.add_argument("--in_json", type=str, default=None,
+                       help="fine-tuning metadata JSON (image key -> caption/tags) for the images in --train_data_dir")
     group.add_argument("--cache_info", action="store_true", help="accepted; caches always keep their own index")
     group.add_argument("--caption_extension", type=str, default=".caption")
     group.add_argument("--caption_extention", type=str, default=None, help=argparse.SUPPRESS)
@@ -101,6 +96,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_bucket_reso", type=int, default=1024)
     group.add_argument("--bucket_reso_steps", type=int, default=64)
     group.add_argument("--bucket_no_upscale", action="store_true")
+    group.add_argument("--debug_dataset", action="store_true",
+                       help="list each image with its epoch-1 caption, bucket and repeats, then exit 0 (no training)")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +128,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fp8_base", action="store_true")
     group.add_argument("--ddp_timeout", type=float, default=None,
                        help="minutes (fractions allowed); bounds every multi-process barrier and collective")
+    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
+                       help="accepted; no DDP wrapper here (the trainer averages LoRA gradients itself)")
+    group.add_argument("--ddp_static_graph", action="store_true",
+                       help="accepted; no DDP wrapper here (the trainer averages LoRA gradients itself)")
     group.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"])
     group.add_argument("--lowram", action="store_true", help="accepted; no effect on this trainer")
     group.add_argument("--highvram", action="store_true", help="accepted; no effect on this trainer")
@@ -174,6 +175,8 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--network_alpha", type=float, default=1)
     group.add_argument("--network_args", type=str, default=None, nargs="*")
     group.add_argument("--network_train_unet_only", action="store_true")
+    group.add_argument("--network_train_text_encoder_only", action="store_true",
+                       help="train only the CLIP-L LoRA (no transformer LoRA modules)")
     group.add_argument("--training_comment", type=str, default=None)
 
 
@@ -269,6 +272,12 @@ def add_regularisation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--noise_offset", type=float, default=None, help="per-channel offset noise strength (~0.1)")
     group.add_argument("--noise_offset_random_strength", action="store_true",
                        help="offset strength drawn uniformly from 0..noise_offset each step")
+    group.add_argument("--adaptive_noise_scale", type=float, default=None,
+                       help="adds this times |mean of each latent channel| to the noise offset (needs --noise_offset)")
+    group.add_argument("--multires_noise_iterations", type=int, default=None,
+                       help="pyramid (multi-resolution) noise levels, e.g. 6-10")
+    group.add_argument("--multires_noise_discount", type=float, default=0.3,
+                       help="weight falloff per pyramid level (default 0.3)")
     group.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise (~0.1)")
     group.add_argument("--ip_noise_gamma_random_strength", action="store_true",
                        help="perturbation strength drawn uniformly from 0..ip_noise_gamma each step")

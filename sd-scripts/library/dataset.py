@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from library import captions
+from library import captions, finetune_metadata
 from library.errors import BadFileError
 from library.dataset_config import IMAGE_EXTENSIONS, DatasetBlueprint, SubsetBlueprint
 from library.fault_injection import inject_point
@@ -170,10 +170,15 @@ def _read_caption(image: Path, ext: str, all_lines: bool = False) -> str | None:
 
 def _subset_items(sub: SubsetBlueprint, bp: DatasetBlueprint, ds_index: int, buckets, uncaptioned: list,
                   prior_loss_weight: float = 1.0) -> list:
-    images = sorted(p for p in sub.image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    wildcard = sub.caption_options.enable_wildcard
+    if sub.metadata_file is not None:  # --in_json: the file lists the images and gives their captions
+        pairs = finetune_metadata.metadata_captions(sub.metadata_file, sub.image_dir,
+                                                    sub.caption_options.caption_separator, wildcard)
+    else:
+        images = sorted(p for p in sub.image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        pairs = [(path, _read_caption(path, sub.caption_extension, wildcard)) for path in images]
     items, missing = [], []
-    for path in images:
-        caption = _read_caption(path, sub.caption_extension, sub.caption_options.enable_wildcard)
+    for path, caption in pairs:
         if caption is None:
             if not sub.class_tokens:
                 missing.append(path)

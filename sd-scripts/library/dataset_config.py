@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -49,6 +50,7 @@ class SubsetBlueprint:
     is_reg: bool = False  # regularisation (prior-preservation) images: loss weighted by --prior_loss_weight
     alpha_mask: bool = False  # the image's alpha channel weights the loss (masked loss)
     resize_interpolation: str | None = None  # PIL resampling name; None: lanczos
+    metadata_file: Path | None = None  # --in_json: captions (and the image list) come from this JSON file
 
 
 @dataclass(frozen=True)
@@ -381,15 +383,24 @@ def _kohya_subsets(root: Path, where: str, cli_layer, *, is_reg: bool) -> list[S
 
 
 def blueprints_from_train_data_dir(train_data_dir: str | Path, *, cli: Mapping[str, Any] | None = None,
-                                   reg_data_dir: str | Path | None = None) -> list[DatasetBlueprint]:
+                                   reg_data_dir: str | Path | None = None,
+                                   in_json: str | Path | None = None) -> list[DatasetBlueprint]:
     """kohya layout: `<train_data_dir>/<repeats>_<class tokens>/` folders, one subset each; the same layout under
-    `--reg_data_dir` gives regularisation subsets."""
+    `--reg_data_dir` gives regularisation subsets. With `in_json`: one subset of the images in the folder itself,
+    captioned by that metadata file (library.finetune_metadata), repeated --dataset_repeats times."""
     root = Path(train_data_dir).expanduser()
     where = f"--train_data_dir {root}"
     if not root.is_dir():
         raise DatasetConfigError(f"{where} is not a directory")
     cli_layer = (_normalize_cli(cli), "the command line")
     _check_cli_unsupported(cli_layer[0])
+    if in_json:  # upstream's fine-tuning layout: the folder holds the images, the JSON file their captions
+        if reg_data_dir:
+            raise DatasetConfigError(f"--reg_data_dir with --in_json {in_json}: a fine-tuning metadata dataset has "
+                                     "no regularisation images (as upstream); remove one of them")
+        subset = _build_subset(_Lookup([cli_layer]), str(root), f"{where} with --in_json {in_json}")
+        subset = dataclasses.replace(subset, metadata_file=Path(in_json).expanduser(), class_tokens=None)
+        return [_build_dataset(_Lookup([cli_layer]), (subset,), where)]
     subsets = _kohya_subsets(root, where, cli_layer, is_reg=False)
     if not subsets:
         raise DatasetConfigError(f"{where} has no <repeats>_<name> folders with images")

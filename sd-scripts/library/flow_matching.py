@@ -2,7 +2,8 @@
 
 Timestep sampling (`--timestep_sampling` sigma/uniform/sigmoid/shift/flux_shift), the
 `--weighting_scheme` density and loss weighting, `--model_prediction_type` and the
-`--loss_type` losses, plus upstream's `--noise_offset`, `--ip_noise_gamma` (and their random strengths),
+`--loss_type` losses, plus upstream's `--noise_offset` (with `--adaptive_noise_scale`),
+`--multires_noise_iterations`/`--multires_noise_discount`, `--ip_noise_gamma` (and their random strengths),
 `--min_timestep`/`--max_timestep` and the `--huber_schedule` threshold. Pure tensor functions: every random
 draw takes an explicit generator, which is what makes a resumed run bit-identical to an uninterrupted one.
 """
@@ -52,15 +53,46 @@ def shifted_sigmas(shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def training_noise(shape: tuple, flow, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise, plus upstream's --noise_offset: a per-(sample, channel) constant offset * N(0, 1),
-    its strength drawn from U(0, noise_offset) once per step with --noise_offset_random_strength."""
+def training_noise(shape: tuple, flow, generator: torch.Generator, latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Gaussian noise plus upstream's noise options, in upstream's order (its SD path; see the README for FLUX):
+
+    --noise_offset: a per-(sample, channel) constant offset * N(0, 1), the strength drawn from U(0, noise_offset)
+    once per step with --noise_offset_random_strength; --adaptive_noise_scale adds scale * |mean of the latent
+    channel| to that strength (clamped at 0). Then --multires_noise_iterations: pyramid noise (see pyramid_noise).
+    Every draw comes from `generator` (the per-step one), so a resumed run draws the same noise."""
     noise = torch.randn(shape, generator=generator)
     offset = getattr(flow, "noise_offset", 0.0)
     if offset:
         strength = torch.rand(1, generator=generator) * offset if flow.noise_offset_random_strength else offset
+        adaptive = getattr(flow, "adaptive_noise_scale", None)
+        if adaptive is not None:
+            if latents is None:
+                raise ValueError("training_noise: --adaptive_noise_scale needs the latents")
+            channel_mean = latents.detach().float().cpu().mean(dim=(2, 3), keepdim=True).abs()
+            strength = torch.clamp(strength + adaptive * channel_mean, min=0.0)
         noise = noise + strength * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    iterations = getattr(flow, "multires_noise_iterations", 0)
+    if iterations:
+        noise = pyramid_noise(noise, iterations, flow.multires_noise_discount, generator)
     return noise
+
+
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generator: torch.Generator) -> torch.Tensor:
+    """Upstream's multi-resolution ("pyramid") noise: for i = 0..iterations-1 draw a ratio r ~ U(2, 4), add
+    N(0, 1) noise of size max(1, int(H / r**i)) x max(1, int(W / r**i)) upsampled bilinearly to H x W, times
+    discount**i; stop after a level with a side of 1; finally divide by the standard deviation of the whole
+    batch. Upstream draws r with Python's `random` and the noise from torch's global RNG; here both come from
+    the per-step generator (same distributions, reproducible on resume)."""
+    batch, channels, height, width = noise.shape
+    out = noise.clone()
+    for i in range(iterations):
+        r = float(torch.rand(1, generator=generator)) * 2 + 2
+        h, w = max(1, int(height / r ** i)), max(1, int(width / r ** i))
+        level = torch.randn((batch, channels, h, w), generator=generator)
+        out = out + torch.nn.functional.interpolate(level, size=(height, width), mode="bilinear") * discount ** i
+        if h == 1 or w == 1:
+            break
+    return out / out.std()
 
 
 def timestep_range(flow) -> tuple[float, float] | None:

@@ -147,7 +147,8 @@ def option_metadata(settings, items=()) -> dict[str, str]:
     """Upstream's ss_* keys for the caption, noise, Huber, dropout and data flags (as str(value), like upstream;
     ss_huber_schedule is the schedule actually used)."""
     raw, flow = settings.raw, settings.flow
-    keys = ("network_dropout", "noise_offset", "noise_offset_random_strength", "ip_noise_gamma",
+    keys = ("network_dropout", "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale",
+            "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
             "ip_noise_gamma_random_strength", "caption_dropout_rate", "caption_dropout_every_n_epochs",
             "caption_tag_dropout_rate", "prior_loss_weight", "scale_weight_norms", "huber_c", "huber_scale",
             "resize_interpolation", "min_timestep", "max_timestep")

@@ -63,7 +63,7 @@ def dataset_fallbacks(ns: argparse.Namespace) -> dict:
 
 
 def flow_options(ns: argparse.Namespace) -> dict:
-    """FlowSettings fields for library.noise: offset/perturbation noise, timestep range, Huber schedule."""
+    """FlowSettings fields for library.noise: offset/pyramid/perturbation noise, timestep range, Huber schedule."""
     lo, hi = ns.min_timestep, ns.max_timestep
     if lo is not None and not 0 <= lo <= 999:
         raise SettingsError(f"--min_timestep {lo}: must be from 0 to 999")
@@ -89,8 +89,21 @@ def flow_options(ns: argparse.Namespace) -> dict:
                        ("ip_noise_gamma_random_strength", "ip_noise_gamma")):
         if getattr(ns, flag) and not getattr(ns, base):
             log.warning("--%s has no effect without --%s", flag, base)
+    if ns.adaptive_noise_scale is not None and not ns.noise_offset:
+        raise SettingsError(f"--adaptive_noise_scale {ns.adaptive_noise_scale} needs --noise_offset (it adds to the "
+                            "offset strength), as upstream: add --noise_offset 0.05, or drop --adaptive_noise_scale")
+    iterations = ns.multires_noise_iterations or 0
+    if iterations < 0:
+        raise SettingsError(f"--multires_noise_iterations {iterations}: must be 0 (off) or more (6-10 is usual)")
+    discount = ns.multires_noise_discount
+    if not 0.0 < discount <= 1.0:
+        raise SettingsError(f"--multires_noise_discount {discount}: must be above 0 and at most 1 (default 0.3)")
+    if not iterations and discount != 0.3:
+        log.warning("--multires_noise_discount has no effect without --multires_noise_iterations")
     return {"noise_offset": _non_negative(ns, "noise_offset"),
             "noise_offset_random_strength": ns.noise_offset_random_strength,
+            "adaptive_noise_scale": ns.adaptive_noise_scale, "multires_noise_iterations": iterations,
+            "multires_noise_discount": float(discount),
             "ip_noise_gamma": _non_negative(ns, "ip_noise_gamma"),
             "ip_noise_gamma_random_strength": ns.ip_noise_gamma_random_strength,
             "min_timestep": lo, "max_timestep": hi, "huber_schedule": schedule, "huber_c": float(ns.huber_c),

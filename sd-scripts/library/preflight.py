@@ -191,7 +191,8 @@ def load_blueprints(settings: TrainSettings) -> list:
     if data.dataset_config:
         if not Path(data.dataset_config).is_file():
             raise BadFileError(f"--dataset_config {data.dataset_config}: file not found")
-        for flag, value in (("--train_data_dir", data.train_data_dir), ("--reg_data_dir", data.reg_data_dir)):
+        for flag, value in (("--train_data_dir", data.train_data_dir), ("--reg_data_dir", data.reg_data_dir),
+                            ("--in_json", data.in_json)):
             if value:  # as upstream: the config file describes every folder
                 log.warning("--dataset_config is set: %s is ignored (use is_reg = true in a subset)", flag)
         blueprints = dataset_config.load_dataset_config(data.dataset_config, cli=data.cli_fallbacks)
@@ -199,7 +200,8 @@ def load_blueprints(settings: TrainSettings) -> list:
         if not Path(data.train_data_dir).is_dir():
             raise BadFileError(f"--train_data_dir {data.train_data_dir}: folder not found")
         blueprints = dataset_config.blueprints_from_train_data_dir(data.train_data_dir, cli=data.cli_fallbacks,
-                                                                   reg_data_dir=data.reg_data_dir)
+                                                                   reg_data_dir=data.reg_data_dir,
+                                                                   in_json=data.in_json)
     dataset_config.check_text_encoder_cache(blueprints, data)
     dataset_config.check_masked_loss(blueprints, settings.regularisation.masked_loss)
     return blueprints

@@ -53,6 +53,7 @@ class DataSettings:
     persistent_workers: bool
     reg_data_dir: str | None = None
     prior_loss_weight: float = 1.0  # loss weight of regularisation images
+    in_json: str | None = None  # upstream's fine-tuning metadata file, with train_data_dir
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class NetworkSettings:
     args: dict
     train_unet_only: bool
     weights: str | None
+    train_text_encoder_only: bool = False  # CLIP-L LoRA only: the network has no transformer modules
 
     @property
     def train_blocks(self) -> str:
@@ -103,6 +105,9 @@ class FlowSettings:
     # library.noise: offset/perturbation noise, the trained timestep range and the Huber threshold schedule
     noise_offset: float = 0.0
     noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None  # adds scale * |latent channel mean| to the offset strength
+    multires_noise_iterations: int = 0  # 0: off
+    multires_noise_discount: float = 0.3
     ip_noise_gamma: float = 0.0
     ip_noise_gamma_random_strength: bool = False
     min_timestep: int | None = None
@@ -273,6 +278,8 @@ class TrainSettings:
             "train_blocks": self.network.train_blocks,
             "network_train_unet_only": self.network.train_unet_only,
             "optimizer_type": self.optimizer.type.lower() or "adamw",
+            # only when set, so that states written before this flag existed keep their digest
+            **({"network_train_text_encoder_only": True} if self.network.train_text_encoder_only else {}),
         }
 
     def args_digest(self) -> str:
@@ -313,6 +320,9 @@ def _check_network(ns: argparse.Namespace) -> None:
         raise SettingsError(f"--save_model_as {ns.save_model_as}: only safetensors is supported")
     if ns.gradient_accumulation_steps != 1:
         raise SettingsError("--gradient_accumulation_steps: " "not supported by this trainer (use 1)")
+    if ns.network_train_unet_only and ns.network_train_text_encoder_only:
+        raise SettingsError("--network_train_unet_only and --network_train_text_encoder_only: together they train "
+                            "nothing; give at most one of them")
 
 
 def _blocks_to_swap(ns: argparse.Namespace) -> int:
@@ -332,6 +342,11 @@ def _data(ns: argparse.Namespace) -> DataSettings:
 
     if not ns.dataset_config and not ns.train_data_dir:
         raise SettingsError("--dataset_config (a dataset.toml) or --train_data_dir is required")
+    if ns.in_json and not ns.dataset_config:
+        if not ns.train_data_dir:
+            raise SettingsError("--in_json needs --train_data_dir: the folder holding the images it lists")
+        if not Path(ns.in_json).is_file():
+            raise SettingsError(f"--in_json {ns.in_json}: file not found")
     resolution = None
     if ns.resolution:
         parts = [int(p) for p in str(ns.resolution).replace("x", ",").split(",") if p.strip()]
@@ -360,7 +375,7 @@ def _data(ns: argparse.Namespace) -> DataSettings:
         cache_text_encoder_outputs_to_disk=ns.cache_text_encoder_outputs_to_disk,
         vae_batch_size=max(1, ns.vae_batch_size), text_encoder_batch_size=ns.text_encoder_batch_size,
         num_workers=max(0, ns.max_data_loader_n_workers), persistent_workers=ns.persistent_data_loader_workers,
-        reg_data_dir=ns.reg_data_dir, prior_loss_weight=ns.prior_loss_weight)
+        reg_data_dir=ns.reg_data_dir, prior_loss_weight=ns.prior_loss_weight, in_json=ns.in_json)
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion")
@@ -481,7 +496,8 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
         max_train_steps=ns.max_train_steps, max_train_epochs=ns.max_train_epochs,
         blocks_to_swap=_blocks_to_swap(ns), batch_size=ns.train_batch_size)
     network = NetworkSettings(module="networks.lora_flux", dim=dim, alpha=alpha, args=network_args,
-                              train_unet_only=ns.network_train_unet_only, weights=ns.network_weights)
+                              train_unet_only=ns.network_train_unet_only, weights=ns.network_weights,
+                              train_text_encoder_only=ns.network_train_text_encoder_only)
     return TrainSettings(model=model, data=_data(ns), network=network, optimizer=_optimizer(ns), flow=flow,
                          save=_save(ns), sample=_sample(ns), guards=guards, run=run, raw=dict(vars(ns)), **extra)
 

@@ -119,7 +119,7 @@ def training_step(session: TrainSession, control: RunControl, batch: dict) -> fl
     latents = batch["latents"].to(device, dtype)
     step_seed = s.run.seed * STEP_SEED_STRIDE + session.pos.step + session.rank * 7919
     generator = torch.Generator().manual_seed(step_seed)
-    noise = training_noise(latents.shape, s.flow, generator).to(device, dtype)
+    noise = training_noise(latents.shape, s.flow, generator, latents).to(device, dtype)
     noised = sample_noised(latents, noise, s.flow, generator)
     # LoRA dropout masks come from a per-step seed, so a resumed run draws the same ones
     with step_rng(step_seed, device, enabled=opt.network_drops):

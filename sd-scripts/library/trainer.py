@@ -286,7 +286,10 @@ class FluxLoRATrainer:
         continuation.merge_base_weights(session := self.session)
         network = lora_flux.create_network(1.0, net.dim, net.alpha, models.ae, [clip, None], models.transformer,
                                            neuron_dropout=self.s.regularisation.network_dropout, **net.args)
-        network.apply_to([clip, None], models.transformer, apply_text_encoder=models.train_clip, apply_unet=True)
+        # --network_train_text_encoder_only: the transformer modules are dropped (as upstream's apply_to), so the
+        # file and the optimizer hold the CLIP-L LoRA only; the frozen transformer still carries the loss.
+        network.apply_to([clip, None], models.transformer, apply_text_encoder=models.train_clip,
+                         apply_unet=not net.train_text_encoder_only)
         if net.weights:
             # As upstream (strict=False): load what both sides have, say what was not matched.
             missing, extra = network.load_weights(net.weights, strict=False)

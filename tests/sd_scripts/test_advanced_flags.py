@@ -1,7 +1,7 @@
 """Precision, schedule and continuation flags: each one's effect (a dtype, a rank, a file, a tensor, an LR).
 
 One real run (bf16 with --full_bf16, --dim_from_weights, --initial_step with --skip_until_initial_step,
---save_n_epoch_ratio, --xformers) is shared; the rest are checks against upstream's formulas on fixed
+--save_n_epoch_ratio, --xformers, the --ddp_* flags) is shared; the rest are checks against upstream's formulas on fixed
 tensors and settings errors, which need no model.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def bf16_run(tiny_models, tmp_path_factory):
     _, toml = make_dataset(root / "data", count=3)
     weights = lora_file(root, "init.safetensors", rank=2, alpha=2.0, models=tiny_models)
     args = trainer_args(tiny_models, toml, root / "out", "--max_train_steps", "5", "--full_bf16", "--xformers",
-                        "--mem_eff_attn", "--network_weights", weights, "--dim_from_weights", "--network_dim", "8",
+                        "--mem_eff_attn", "--ddp_gradient_as_bucket_view", "--ddp_static_graph", "--network_weights", weights, "--dim_from_weights", "--network_dim", "8",
                         "--initial_step", "2", "--skip_until_initial_step", "--save_n_epoch_ratio", "2",
                         "--logging_dir", str(root / "logs"), "--lr_scheduler", "linear")
     args[args.index("--mixed_precision") + 1] = "bf16"
@@ -68,6 +68,8 @@ def test_full_bf16_dim_from_weights_and_attention_flags(bf16_run):
     assert {t.shape[0] for t in downs} == {2} and alphas == {2.0}  # rank/alpha of the file, not --network_dim 8
     err = bf16_run["proc"].stderr
     assert err.count("FLUX attention always uses torch SDPA") == 1  # --xformers and --mem_eff_attn: one warning
+    for flag in ("--ddp_gradient_as_bucket_view", "--ddp_static_graph"):  # accepted, one warning each saying why
+        assert err.count(f"{flag}: accepted, no effect: there is no DDP wrapper here") == 1
 
 
 def test_initial_step_and_save_n_epoch_ratio(bf16_run):
@@ -251,7 +253,7 @@ def test_refused_flags_all_give_a_reason():
 
     parser = flux_train_network.setup_parser()
     refused = [a for a in parser._actions if isinstance(a, args.UnsupportedFlag)]
-    assert len(refused) == len(args.UNSUPPORTED_FLAGS) == 40  # 106 before issue 14
+    assert len(refused) == len(args.UNSUPPORTED_FLAGS) == 32  # 106 before issue 14
     assert all(a.reason for a in refused)
     assert "SD1/SDXL only" in args.UNSUPPORTED_FLAGS["--clip_skip"]
 

@@ -123,3 +123,55 @@ def test_resize_interpolation_changes_the_pixels_and_the_cache_fingerprint(tmp_p
     assert torch.equal(load_image_tensor(nearest), (torch.from_numpy(ref.copy()) / 127.5 - 1.0).permute(2, 0, 1))
     assert not torch.equal(load_image_tensor(nearest), load_image_tensor(lanczos))
     assert _image_fingerprint(nearest, "e") != _image_fingerprint(lanczos, "e")
+
+
+def test_debug_dataset_lists_items_and_exits_without_models_or_output(tmp_path, capsys):
+    """--debug_dataset: each image with its epoch-1 caption, bucket and repeats, exit 0; the model paths do not
+    exist and the output folder is never created, so nothing was loaded, locked or written."""
+    from train_helpers import run_trainer_in_process
+
+    folder = _images(tmp_path / "data" / "3_tok", 2, size=(64, 96))
+    (folder / "0.txt").write_text("a red square", encoding="utf-8")
+    out = tmp_path / "out"
+    rc = run_trainer_in_process([
+        "--pretrained_model_name_or_path", str(tmp_path / "missing.sft"), "--clip_l", "/missing/c", "--t5xxl",
+        "/missing/t", "--ae", "/missing/a", "--train_data_dir", str(tmp_path / "data"), "--resolution", "64",
+        "--caption_extension", ".txt", "--caption_prefix", "photo of", "--output_dir", str(out), "--debug_dataset"])
+    text = capsys.readouterr().out
+    assert rc == 0 and not out.exists()
+    assert f"image: {folder / '0.png'}\n    caption (epoch 1): photo of a red square\n    bucket: 64x64  repeats: 3" in text
+    assert f"image: {folder / '1.png'}\n    caption (epoch 1): photo of tok\n" in text  # no caption file: class tokens
+    assert "batches per epoch: 6" in text and "nothing was trained" in text
+
+
+def test_in_json_captions_come_from_the_metadata_file(tmp_path, capsys):
+    """--in_json with --train_data_dir (upstream's fine-tuning layout): keys name images by path, by name in the
+    folder, or by name without extension; caption + caption_separator + tags, tags alone, or empty; caption
+    files beside the images are not read; --dataset_repeats sets the repeats. Shown through --debug_dataset."""
+    import json
+
+    from train_helpers import run_trainer_in_process
+
+    folder = tmp_path / "imgs"
+    _images(folder, 3, size=(64, 64))
+    (folder / "0.txt").write_text("from the caption file", encoding="utf-8")
+    meta = {"0": {"caption": "a cat", "tags": "tag1, tag2"}, str(folder / "1.png"): {"tags": "solo, red"},
+            "2.png": {"train_resolution": [64, 64]}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    base = ["--pretrained_model_name_or_path", "/missing/f", "--clip_l", "/missing/c", "--t5xxl", "/missing/t",
+            "--ae", "/missing/a", "--train_data_dir", str(folder), "--resolution", "64", "--caption_extension",
+            ".txt", "--output_dir", str(tmp_path / "out"), "--debug_dataset", "--dataset_repeats", "2"]
+    assert run_trainer_in_process(base + ["--in_json", str(tmp_path / "meta.json")]) == 0
+    text = capsys.readouterr().out
+    assert f"image: {folder / '0.png'}\n    caption (epoch 1): a cat,tag1, tag2\n    bucket: 64x64  repeats: 2" in text
+    assert f"image: {folder / '1.png'}\n    caption (epoch 1): solo, red\n" in text
+    assert f"image: {folder / '2.png'}\n    caption (epoch 1): \n" in text
+    assert "from the caption file" not in text and "batches per epoch: 6" in text
+
+    (tmp_path / "bad.json").write_text(json.dumps({"0": {"caption": "x"}, "nope": {"caption": "y"}}),
+                                       encoding="utf-8")
+    from library.dataset_config import DatasetConfigError, blueprints_from_train_data_dir
+
+    blueprints = blueprints_from_train_data_dir(folder, cli={"resolution": [64, 64]}, in_json=tmp_path / "bad.json")
+    with pytest.raises(DatasetConfigError, match=r"bad\.json: no image for 1 key\(s\).*'nope'"):
+        build_dataset(blueprints, seed=1)

@@ -1,4 +1,4 @@
-"""Noise offset, ip noise gamma, timestep range, Huber schedules, masked/prior-weighted loss and LoRA dropouts,
+"""Noise offset (and adaptive noise scale), multires noise, ip noise gamma, timestep range, Huber schedules, masked/prior-weighted loss and LoRA dropouts,
 each checked against upstream's formula written out here on fixed tensors."""
 from __future__ import annotations
 
@@ -39,6 +39,61 @@ def test_noise_offset_random_strength_draws_strength_in_zero_to_offset():
     z = torch.randn((2, 3, 1, 1), generator=g)
     noise = training_noise(SHAPE, replace(FLOW, noise_offset=0.3, noise_offset_random_strength=True), gen())
     assert 0 <= float(strength) <= 0.3 and torch.allclose(noise, base + strength * z)
+
+
+def test_adaptive_noise_scale_adds_scaled_abs_channel_mean_to_the_offset():
+    """strength = clamp(noise_offset + scale * |mean over H, W of latents[b, c]|, min 0), per sample and channel."""
+    means = torch.tensor([[-0.5, 0.2, 0.0], [1.0, -2.0, 0.4]])
+    latents = means.view(2, 3, 1, 1).expand(SHAPE).clone()
+    g = gen()
+    base = torch.randn(SHAPE, generator=g)
+    z = torch.randn((2, 3, 1, 1), generator=g)
+    noise = training_noise(SHAPE, replace(FLOW, noise_offset=0.1, adaptive_noise_scale=0.5), gen(), latents)
+    strength = torch.tensor([[0.35, 0.2, 0.1], [0.6, 1.1, 0.3]]).view(2, 3, 1, 1)  # 0.1 + 0.5 * |mean|
+    assert torch.allclose(noise, base + strength * z)
+    negative = training_noise(SHAPE, replace(FLOW, noise_offset=0.1, adaptive_noise_scale=-0.25), gen(), latents)
+    clamped = torch.tensor([[0.0, 0.05, 0.1], [0.0, 0.0, 0.0]]).view(2, 3, 1, 1)  # 0.1 - 0.25 * |mean|, >= 0
+    assert torch.allclose(negative, base + clamped * z)
+
+
+def test_multires_noise_pyramid_on_a_4x4_latent():
+    """On 4x4, level 0 is full-size noise (r**0 = 1) and level 1 is 1x1 (int(4 / r) = 1 for r in (2, 4)), which
+    upsamples to a constant and ends the pyramid: noise = (n + l0 + discount * c) / std, whatever the iterations."""
+    shape = (1, 2, 4, 4)
+    g = gen()
+    base = torch.randn(shape, generator=g)
+    r0 = float(torch.rand(1, generator=g)) * 2 + 2
+    level0 = torch.randn(shape, generator=g)
+    r1 = float(torch.rand(1, generator=g)) * 2 + 2
+    level1 = torch.randn((1, 2, 1, 1), generator=g)
+    assert 2 < r1 < 4 and r0 >= 2
+    total = base + level0 + 0.3 * level1  # a 1x1 level upsampled bilinearly is its value everywhere
+    expected = total / total.std()
+    flow = replace(FLOW, multires_noise_iterations=2, multires_noise_discount=0.3)
+    noise = training_noise(shape, flow, gen())
+    assert torch.allclose(noise, expected, atol=1e-6) and float(noise.std()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(training_noise(shape, replace(flow, multires_noise_iterations=8), gen()), noise)  # stopped at 1x1
+    assert not torch.allclose(training_noise(shape, flow, gen(8)), noise)  # per-step generator: new step, new noise
+
+
+def test_multires_noise_level_sizes_on_a_16x16_latent():
+    """Level i is N(0,1) at max(1, int(16 / r**i)) per side, bilinearly upsampled, weighted discount**i."""
+    import torch.nn.functional as F
+
+    shape = (1, 1, 16, 16)
+    g = gen(3)
+    total = torch.randn(shape, generator=g).clone()
+    sizes = []
+    for i in range(3):
+        r = float(torch.rand(1, generator=g)) * 2 + 2
+        side = max(1, int(16 / r ** i))
+        sizes.append(side)
+        total += F.interpolate(torch.randn((1, 1, side, side), generator=g), size=(16, 16), mode="bilinear") * 0.5 ** i
+        if side == 1:
+            break
+    noise = training_noise(shape, replace(FLOW, multires_noise_iterations=3, multires_noise_discount=0.5), gen(3))
+    assert sizes[0] == 16 and 4 <= sizes[1] <= 8
+    assert torch.allclose(noise, total / total.std(), atol=1e-6)
 
 
 def test_timestep_range_maps_t_linearly():
@@ -183,6 +238,9 @@ def test_scale_weight_norms_caps_the_module_norm():
     (["--scale_weight_norms", "0"], "--scale_weight_norms"),
     (["--noise_offset", "-0.1"], "--noise_offset"),
     (["--huber_c", "0"], "--huber_c"),
+    (["--adaptive_noise_scale", "0.1"], "--adaptive_noise_scale 0.1 needs --noise_offset"),
+    (["--multires_noise_iterations", "-1"], "--multires_noise_iterations"),
+    (["--multires_noise_iterations", "6", "--multires_noise_discount", "0"], "--multires_noise_discount"),
 ])
 def test_bad_values_name_the_flag(flags, needle):
     import flux_train_network

@@ -1,9 +1,9 @@
 """The tiny model trained with a realistic flag set from a FLUX LoRA guide, and resumed bit-identically.
 
 Flags: TensorBoard logging, validation split, full bf16, caption shuffle and dropout, network/rank/module dropout,
-noise offset, ip noise gamma, a timestep range, Huber loss on the exponential schedule, cosine with restarts,
-weight-norm scaling, a regularisation subset with --prior_loss_weight, an alpha-masked subset with --masked_loss,
-and a Hub repository while offline. The run interrupted after step 2 and resumed must log the same per-step
+noise offset with adaptive scale, multires (pyramid) noise, ip noise gamma, a timestep range, Huber loss on the
+exponential schedule, cosine with restarts, weight-norm scaling, a regularisation subset with --prior_loss_weight,
+an alpha-masked subset with --masked_loss, and a Hub repository while offline. The run interrupted after step 2 and resumed must log the same per-step
 losses and end with the same LoRA tensors as the uninterrupted one: caption processing, dropout masks and noise
 all depend only on (seed, step/epoch, item).
 """
@@ -27,6 +27,7 @@ GUIDE_FLAGS = [
     "--shuffle_caption", "--keep_tokens", "1", "--caption_dropout_rate", "0.3", "--caption_tag_dropout_rate", "0.2",
     "--network_dropout", "0.1", "--network_args", "rank_dropout=0.1", "module_dropout=0.1",
     "--noise_offset", "0.05", "--noise_offset_random_strength", "--ip_noise_gamma", "0.05",
+    "--adaptive_noise_scale", "0.01", "--multires_noise_iterations", "3", "--multires_noise_discount", "0.4",
     "--min_timestep", "50", "--max_timestep", "950",
     "--loss_type", "huber", "--huber_schedule", "exponential", "--huber_c", "0.2",
     "--lr_scheduler", "cosine_with_restarts", "--lr_scheduler_num_cycles", "2",
@@ -88,6 +89,8 @@ def test_guide_flag_set_trains_and_resumes_bit_identically(tiny_models, tmp_path
         meta = handle.metadata()
     assert (meta["ss_noise_offset"], meta["ss_network_dropout"], meta["ss_huber_schedule"],
             meta["ss_num_reg_images"], meta["ss_prior_loss_weight"]) == ("0.05", "0.1", "exponential", "2", "0.5")
+    assert (meta["ss_adaptive_noise_scale"], meta["ss_multires_noise_iterations"],
+            meta["ss_multires_noise_discount"]) == ("0.01", "3", "0.4")
     subsets = json.loads(meta["ss_datasets"])[0]["subsets"]
     assert [(s["shuffle_caption"], s["is_reg"], s["alpha_mask"]) for s in subsets] == [(True, False, True),
                                                                                        (True, True, False)]
@@ -105,3 +108,27 @@ def test_guide_flag_set_trains_and_resumes_bit_identically(tiny_models, tmp_path
     assert again.keys() == tensors.keys()
     for key in tensors:
         assert torch.equal(again[key], tensors[key]), key
+
+
+def test_network_train_text_encoder_only_trains_the_clip_lora_alone(tiny_models, tmp_path):
+    """As upstream: the transformer LoRA modules are dropped, so the saved file holds lora_te1_ keys only, and
+    those were trained (their up weights start at zero); with --network_train_unet_only it is an error."""
+    from train_helpers import run_trainer_in_process
+
+    _, toml = make_dataset(tmp_path / "data", count=2)
+    out = tmp_path / "out"
+    rc = run_trainer_in_process(trainer_args(tiny_models, toml, out, "--max_train_steps", "2",
+                                             "--network_train_text_encoder_only"))
+    assert rc == 0
+    tensors = load_file(str(out / "tiny.safetensors"))
+    assert tensors and all(key.startswith("lora_te1_") for key in tensors)
+    ups = [t for key, t in tensors.items() if key.endswith("lora_up.weight")]
+    assert ups and all(float(t.abs().max()) > 0 for t in ups)  # every CLIP-L module moved from its zero init
+
+    import flux_train_network
+    from library.settings import SettingsError, settings_from_args
+
+    ns = flux_train_network.setup_parser().parse_args(trainer_args(
+        tiny_models, toml, out, "--network_train_text_encoder_only", "--network_train_unet_only"))
+    with pytest.raises(SettingsError, match="--network_train_unet_only and --network_train_text_encoder_only"):
+        settings_from_args(ns)
