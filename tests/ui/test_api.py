@@ -13,7 +13,7 @@ import threading
 
 import pytest
 import tomllib
-from conftest import write_images
+from ui_helpers import write_images
 
 BASE = {"vram": "cpu", "base_model": "demo", "epochs": 1, "save_every": 1, "repeats": 1, "workers": 0}
 

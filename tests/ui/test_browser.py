@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import CHROMIUM_ARGS, UIServer, free_port
+from ui_helpers import CHROMIUM_ARGS, UIServer, free_port
 
 TIMEOUT_MS = 120_000
 LATENCY: list[float] = []  # GET /api/jobs round trips while a job runs (reported, not asserted: see README)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import write_images
+from ui_helpers import write_images
 
 from fluxgym.webui import uploads
 from fluxgym.webui.form import FieldError
