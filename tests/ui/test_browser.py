@@ -131,7 +131,12 @@ def test_train_stop_resume_recover_finish(demo_setup, chromium_path, artifacts_d
             assert done["state"] == "done" and done["success"] and done["lora_file"], done
             timings["until_done_s"] = time.monotonic() - t0
             # The page that was open through the crash recovers on its own: Gradio reloads it once when
-            # the new server answers, then it stays (no reload loop) and shows the real state.
+            # the new server answers, then it stays (no reload loop) and shows the real state. The adopted
+            # run can finish before that reload comes, so wait for the reload itself, not only for the page.
+            deadline = time.monotonic() + 60
+            while len(loads) < 2 and time.monotonic() < deadline:
+                page.wait_for_timeout(250)
+            assert len(loads) >= 2, "the page did not reload after the server came back"
             page.locator("#start_training").wait_for(state="attached")
             n_loads = len(loads)
             assert n_loads <= 2, f"page loaded {n_loads} times"
