@@ -51,7 +51,9 @@ class _Console:
 
     def __init__(self, echo) -> None:
         self.echo = echo
-        self.text = isinstance(echo, io.TextIOBase)
+        # Anything that is not a byte stream takes text: sys.stdout may be a wrapper that is no TextIOBase
+        # (fluxgym.closed_pipe's guard under `python -m fluxgym`), and bytes written to it kill the echo thread.
+        self.text = not isinstance(echo, (io.RawIOBase, io.BufferedIOBase)) and "b" not in getattr(echo, "mode", "")
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def write(self, chunk: bytes | None) -> bool:

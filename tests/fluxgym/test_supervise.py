@@ -223,3 +223,25 @@ def test_injected_out_of_memory_fires_at_its_step_below_its_swap(monkeypatch):
     monkeypatch.setenv("FLUXTRAIN_INJECT_OOM", "step@3")
     with pytest.raises(torch.OutOfMemoryError):
         inject_point("step", step=3, blocks_to_swap=35)
+
+
+def test_console_echo_reaches_a_wrapped_stdout(tmp_path):
+    """Under `python -m fluxgym` sys.stdout is closed_pipe's guard (no TextIOBase): the trainer's output must
+    still be echoed as text (it was written as bytes, the echo thread died and `fluxgym train` showed nothing)."""
+    import io
+
+    from fluxgym.closed_pipe import _StdoutGuard
+    from fluxgym.supervise.drain import OutputDrain
+
+    console = io.StringIO()
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as pipe:
+        drain = OutputDrain(pipe, tmp_path / "train.log", lambda chunk: None, echo=_StdoutGuard(console))
+        os.write(write_end, "steps: 1/4 épocas\n".encode())
+        os.close(write_end)
+        assert drain.join(10)
+        deadline = time.monotonic() + 10
+        while "steps: 1/4" not in console.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert console.getvalue() == "steps: 1/4 épocas\n"
+    assert (tmp_path / "train.log").read_bytes() == "steps: 1/4 épocas\n".encode()
