@@ -245,3 +245,14 @@ def test_console_echo_reaches_a_wrapped_stdout(tmp_path):
             time.sleep(0.05)
     assert console.getvalue() == "steps: 1/4 épocas\n"
     assert (tmp_path / "train.log").read_bytes() == "steps: 1/4 épocas\n".encode()
+
+
+def test_checkpoint_event_carries_the_checkpoints_own_step(tmp_path):
+    """The event's step is the saved state's (its manifest), not the step the heartbeat shows when the
+    supervisor next looks (the real trainer has moved on by then: state at step 320 reported as 339)."""
+    out = tmp_path / "run"
+    outcome, events = supervise(fake_spec(out, "--steps", "60", "--step-time", "0.01", "--save-every", "20"))
+    assert outcome.state == "done"
+    saved = kinds(events, "checkpoint")
+    assert [e["path"] for e in saved] == [str(out / "fake-step00000020-state"), str(out / "fake-step00000040-state")]
+    assert [e["step"] for e in saved] == [20, 40]
