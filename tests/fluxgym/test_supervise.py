@@ -256,3 +256,20 @@ def test_checkpoint_event_carries_the_checkpoints_own_step(tmp_path):
     saved = kinds(events, "checkpoint")
     assert [e["path"] for e in saved] == [str(out / "fake-step00000020-state"), str(out / "fake-step00000040-state")]
     assert [e["step"] for e in saved] == [20, 40]
+
+
+def test_the_trainers_own_error_line_beats_the_launchers_traceback():
+    """Under `accelerate launch` (train.sh's default) every failure ends with the launcher's CalledProcessError;
+    `fluxgym train` said "training FAILED: subprocess.CalledProcessError: Command '[...' instead of the cause."""
+    from fluxgym.supervise.outcome import first_error_line
+
+    lines = ["error: output folder outputs/x is in use by another trainer (pid 42, running since ...)",
+             "Traceback (most recent call last):",
+             "    raise subprocess.CalledProcessError(returncode=process.returncode, cmd=cmd)",
+             "subprocess.CalledProcessError: Command '['python', 'flux_train_network.py']' returned non-zero exit "
+             "status 4."]
+    assert first_error_line(lines).startswith("error: output folder outputs/x is in use")
+    crash = ["Traceback (most recent call last):", "RuntimeError: shapes do not match",
+             "subprocess.CalledProcessError: Command '['python']' returned non-zero exit status 1."]
+    assert first_error_line(crash) == "RuntimeError: shapes do not match"  # the trainer's crash, not the launcher's
+    assert first_error_line(crash[2:]).startswith("subprocess.CalledProcessError")  # all there is
