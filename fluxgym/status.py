@@ -95,12 +95,15 @@ def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
     holder = trainer_holding(paths) if live is None else None
     # A run fluxgym never supervised (bash train.sh) has no events, only the trainer's heartbeat.
     hb_only = bool(hb) and not mine and last_run is None
+    # ... or one that ended (stopped, failed, done) after the last supervised run's events.
+    hb_ended_later = (bool(hb) and hb.get("phase") in HEARTBEAT_VERDICTS and isinstance(hb.get("time"), (int, float))
+                      and hb["time"] > max([e.get("time", 0) for e in mine[-1:]] + [0]))
     if live is not None:
         state = "running"
     elif holder is not None:
         state = "running (not under fluxgym's supervisor)"
         live = {"pid": holder.get("pid")}
-    elif hb_only:
+    elif hb_only or hb_ended_later:
         state = HEARTBEAT_VERDICTS.get(hb.get("phase"),
                                        f"ended (no trainer holds the folder; its heartbeat last said {hb.get('phase')})")
     elif verdict is not None:

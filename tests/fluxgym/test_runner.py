@@ -228,6 +228,11 @@ def test_status_of_a_run_fluxgym_did_not_start(root):
         assert st["state"] == "running (not under fluxgym's supervisor)" and st["pid"] == os.getpid()
     finally:
         lock.release()
+    paths.out("heartbeat.json").write_text(json.dumps({**beat, "phase": "stopped", "time": time.time()}))
+    assert run_status(paths)["state"] == "stopped"  # Ctrl-C of train.sh after an earlier supervised run
+    paths.out("heartbeat.json").write_text(json.dumps({**beat, "phase": "stopped", "time": old - 1}))
+    assert run_status(paths)["state"] == "succeeded"  # the supervised run's verdict is the newer word
+    paths.out("heartbeat.json").write_text(json.dumps(beat))
     paths.out("events.jsonl").unlink()  # a folder only train.sh ever trained in
     st = run_status(paths)  # killed with -9: the lock is gone, the heartbeat still says training
     assert st["state"] == "ended (no trainer holds the folder; its heartbeat last said training)", st["state"]
