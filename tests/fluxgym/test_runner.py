@@ -207,7 +207,7 @@ def test_train_supervision_flags(root, tmp_path, monkeypatch, capsys):
     assert paths.out("events.jsonl").stat().st_size == before
 
 
-def test_status_of_a_run_fluxgym_did_not_start(root):
+def test_status_of_a_run_fluxgym_did_not_start(root, capsys):
     """`bash outputs/x/train.sh` writes no events: status read "not started" (or the previous supervised run's
     "succeeded") next to "phase: training", whether the trainer was alive or killed. The folder lock tells the
     first; for a folder only train.sh trained in, the heartbeat tells the second."""
@@ -226,6 +226,8 @@ def test_status_of_a_run_fluxgym_did_not_start(root):
     try:
         st = run_status(paths)
         assert st["state"] == "running (not under fluxgym's supervisor)" and st["pid"] == os.getpid()
+        assert main(["stop", "my-lora", "--root", str(root)]) == 3  # not ours to stop: say whose it is
+        assert f"pid {os.getpid()}" in capsys.readouterr().err
     finally:
         lock.release()
     paths.out("heartbeat.json").write_text(json.dumps({**beat, "phase": "stopped", "time": time.time()}))
