@@ -203,8 +203,19 @@ def _cmd_stop(a, root: Path) -> int:
     if left:
         print(f"could not end processes {left} of '{paths.slug}'", file=sys.stderr)
         return EXIT_FAILED
-    print(f"stopped '{paths.slug}'" if running else f"'{paths.slug}' is not running")
-    return EXIT_OK if running else EXIT_NOTHING
+    if running:
+        print(f"stopped '{paths.slug}'")
+        return EXIT_OK
+    from fluxgym.status import trainer_holding
+
+    holder = trainer_holding(paths)
+    if holder is not None:  # status says it runs: say why stop leaves it alone and what does stop it
+        print(f"'{paths.slug}' is not running under fluxgym, but a trainer started another way (bash train.sh?) "
+              f"holds {paths.output_dir}: pid {holder.get('pid')}. Stop it with Ctrl-C in its terminal or "
+              f"`kill {holder.get('pid')}` (completed checkpoints stay valid).", file=sys.stderr)
+    else:
+        print(f"'{paths.slug}' is not running")
+    return EXIT_NOTHING
 
 
 def _cmd_status(a, root: Path) -> int:

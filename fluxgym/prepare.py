@@ -89,7 +89,10 @@ def scan_image_folder(folder: Path) -> tuple[list[Path], list[str]]:
     stems = {p.stem for p in images}
     unused_text = [p.name for p in entries if p.is_file() and not is_junk(p.name)
                    and p.suffix.lower() == CAPTION_EXT and not (p.suffix == CAPTION_EXT and p.stem in stems)]
-    others = [p.name for p in entries if p.is_file() and not is_junk(p.name)
+    # The trainer's own caches of this folder's images (an sd-scripts dataset trained before): rebuilt, not copied.
+    caches = [p.name for p in entries if p.is_file() and not is_junk(p.name)
+              and (m := _CACHE_RE.match(p.name)) and m["stem"] in stems]
+    others = [p.name for p in entries if p.is_file() and not is_junk(p.name) and p.name not in caches
               and p.suffix.lower() not in IMAGE_EXTS and p.suffix.lower() != CAPTION_EXT]
     problems = [f"  - {name}: not an image ({', '.join(IMAGE_EXTS)}) or a caption (<image name>{CAPTION_EXT}); "
                 "move it out of the folder" for name in others]
@@ -108,6 +111,10 @@ def scan_image_folder(folder: Path) -> tuple[list[Path], list[str]]:
     notes = []
     if junk:
         notes.append(f"skipped {len(junk)} system/hidden file(s) in {folder}: {', '.join(_shown(n) for n in junk)}")
+    if caches:
+        shown = ", ".join(caches[:4]) + (f" and {len(caches) - 4} more" if len(caches) > 4 else "")
+        notes.append(f"skipped {len(caches)} cache file(s) of the trainer in {folder} (rebuilt for the new "
+                     f"dataset): {shown}")
     if subfolders:
         notes.append(f"subfolders are not read (only images directly in {folder}): {', '.join(subfolders)}")
     if unused_text:

@@ -93,6 +93,19 @@ def _describe(ev: dict) -> str:
     return f"{stamp} {ev.get('message') or ev.get('event')}"
 
 
+def trainer_holding(paths: ProjectPaths) -> dict | None:
+    """The trainer that holds the output folder's lock (however it was started: train.sh, the monitor), or None."""
+    try:
+        checkpoint_validation()  # puts sd-scripts on the path
+        return importlib.import_module("library.output_lock").read_lock_holder(paths.output_dir)
+    except (ImportError, OSError):
+        return None
+
+
+# The trainer's final heartbeat phases, as the state `status` shows.
+HEARTBEAT_VERDICTS = {"done": "succeeded", "failed": "failed", "stopped": "stopped"}
+
+
 def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
     """State, phase, step, loss and speed, last checkpoint, restarts and the last events of this LoRA's run."""
     events = tail_events(paths.out(EVENTS_FILE))
@@ -102,9 +115,22 @@ def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
     verdict = next((e for e in reversed(mine) if e["event"] in VERDICTS), None)
     live = running(paths.output_dir)
     last_run = _read_json(paths.out(LAST_RUN))
+    hb = read_heartbeat(paths.output_dir)
+    holder = trainer_holding(paths) if live is None else None
+    # A run fluxgym never supervised (bash train.sh) has no events, only the trainer's heartbeat.
+    hb_only = bool(hb) and not mine and last_run is None
+    # ... or one that ended (stopped, failed, done) after the last supervised run's events.
+    hb_ended_later = (bool(hb) and hb.get("phase") in HEARTBEAT_VERDICTS and isinstance(hb.get("time"), (int, float))
+                      and hb["time"] > max([e.get("time", 0) for e in mine[-1:]] + [0]))
     unwatched = _unwatched_end(paths) if live is None and verdict is None and mine else None
     if live is not None:
         state = "running"
+    elif holder is not None:
+        state = "running (not under fluxgym's supervisor)"
+        live = {"pid": holder.get("pid")}
+    elif hb_only or hb_ended_later:
+        state = HEARTBEAT_VERDICTS.get(hb.get("phase"),
+                                       f"ended (no trainer holds the folder; its heartbeat last said {hb.get('phase')})")
     elif verdict is not None:
         state = VERDICTS[verdict["event"]]
     elif unwatched is not None:
@@ -132,7 +158,6 @@ def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
            "events": [_describe(e) for e in mine if e["event"] != "step"][-lines:] if lines > 0 else [],
            "log_file": str(paths.out(LOG_FILE)), "run_id": None,
            "earlier_runs": earlier_runs(paths)}
-    hb = read_heartbeat(paths.output_dir)
     if hb:  # the trainer's own word is fresher than the last (throttled) step event
         for key in ("phase", "step", "total_steps", "epoch", "total_epochs", "last_checkpoint", "message", "loss",
                     "run_id"):

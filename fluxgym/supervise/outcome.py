@@ -43,6 +43,10 @@ def first_error_line(lines: list[str]) -> str | None:
     """The line that best says what went wrong: the last exception line of the output, else any line
     that mentions an error; shortened (argv dumps can be huge)."""
     found = [ln.strip() for ln in lines if _ERROR_LINE.match(ln.strip())]
+    # The trainer's own `error:` / HANG GUARD line says what to fix; `accelerate launch` follows it with its
+    # CalledProcessError (a dump of the whole argv) for every failing exit, which says nothing.
+    own = [ln for ln in found if ln.startswith(("error:", "HANG GUARD"))]
+    found = own or [ln for ln in found if not ln.startswith("subprocess.CalledProcessError")] or found
     found = found or [ln.strip() for ln in lines if _ERROR_ANYWHERE.search(ln)]
     if not found:
         return None

@@ -8,6 +8,7 @@ Used by `python -m fluxgym train|resume`, tools/training_monitor.py and the job 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -402,7 +403,8 @@ class Supervisor:
         if ckpt and ckpt not in self._checkpoints:
             self._checkpoints.add(ckpt)  # per run: a relaunch reading the last launch's heartbeat says nothing new
             if hb.get("time", 0) >= self._started_wall:
-                self.emit("checkpoint", f"checkpoint saved: {ckpt}", path=ckpt, step=hb.get("step"))
+                self.emit("checkpoint", f"checkpoint saved: {ckpt}", path=ckpt,
+                          step=_saved_step(ckpt, hb.get("step")))
         for path in seen.new_samples(self.spec.output_dir / "sample", self._started_wall):
             self.emit("sample", f"sample written: {path}", path=str(path), step=step)
 
@@ -422,6 +424,15 @@ class Supervisor:
             self.emit("kill_failed", f"processes {survivors} survived KILL (uninterruptible I/O?)", pids=survivors)
         elif not quiet:
             self.emit("killed", f"all {len(pids)} processes are gone", pids=pids)
+
+
+def _saved_step(checkpoint: str, fallback):
+    """The step a state folder was saved at, from its manifest: the heartbeat has moved on by the time we read it."""
+    try:
+        step = json.loads((Path(checkpoint) / "checkpoint.json").read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return fallback
+    return step if isinstance(step, int) else fallback
 
 
 class _Seen:

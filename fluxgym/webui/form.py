@@ -174,6 +174,8 @@ def check_with_trainer(argv: list[str]) -> argparse.Namespace:
     probe.sample_prompts = None  # written by generate just before the job; existence is not the question here
     try:
         settings.settings_from_args(probe)
+        # The range checks the trainer's preflight runs first thing (--network_dim 0 was queued, then refused).
+        importlib.import_module("library.preflight").check_numbers(dict(vars(probe)))
     except ValueError as exc:
         raise TrainerArgumentError(str(exc)) from exc
     return ns

@@ -176,3 +176,20 @@ def test_captions_must_be_utf8_and_a_bom_is_stripped(tmp_path, root, capsys):
     (ds / "img2.txt").write_bytes(b"\xff\xfe")  # a caption kept from the dataset is checked too
     assert main(args) == 2
     assert f"{ds / 'img2.txt'}: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_folder_the_trainer_cached_in_is_accepted(tmp_path, root, capsys):
+    """An sd-scripts dataset folder already trained with --cache_latents_to_disk / --cache_text_encoder_outputs_to_disk
+    (the demo's datasets/demo, or the UI pointed at one) holds the trainer's .npz caches: skipped with a note,
+    never copied, and not "move it out of the folder"."""
+    src = make_images(tmp_path / "src", 2, captions={"img0": "cap"})
+    for name in ("img0_0064x0064_flux.npz", "img0_flux_te.npz", "img1_0512x0512_flux.npz"):
+        (src / name).write_bytes(b"PK\3\4cache")
+    assert main(["prepare", "c", "--images", str(src), "--trigger", "t", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 3 cache file(s) of the trainer" in out and "img0_flux_te.npz" in out
+    ds = root / "datasets" / "c"
+    assert sorted(p.name for p in ds.iterdir()) == ["img0.png", "img0.txt", "img1.png", "img1.txt"]
+    (src / "other.npz").write_bytes(b"\0")  # an .npz that is no cache of one of its images is still named
+    assert main(["prepare", "c", "--images", str(src), "--trigger", "t", "--root", str(root), "--replace"]) == 2
+    assert "  - other.npz: not an image" in capsys.readouterr().err

@@ -254,3 +254,38 @@ def test_train_supervision_flags(root, tmp_path, monkeypatch, capsys):
     assert main(["train", "my-lora", "--root", str(root), "--stuck-threshold", "0"]) == 2
     assert "--stuck-threshold 0: must be more than 0 seconds" in capsys.readouterr().err
     assert paths.out("events.jsonl").stat().st_size == before
+
+
+def test_status_of_a_run_fluxgym_did_not_start(root, capsys):
+    """`bash outputs/x/train.sh` writes no events: status read "not started" (or the previous supervised run's
+    "succeeded") next to "phase: training", whether the trainer was alive or killed. The folder lock tells the
+    first; for a folder only train.sh trained in, the heartbeat tells the second."""
+    from fluxgym._paths import use_sd_scripts
+    use_sd_scripts()
+    from library.output_lock import acquire_output_lock
+
+    paths, _ = setup_lora(root)
+    paths.output_dir.mkdir(parents=True, exist_ok=True)
+    old = time.time() - 600
+    paths.out("events.jsonl").write_text(json.dumps({"time": old, "event": "done", "run": "r1", "job": None,
+                                                     "message": "done"}) + "\n")
+    beat = {"phase": "training", "step": 40, "total_steps": 80, "pid": 1, "time": time.time()}
+    paths.out("heartbeat.json").write_text(json.dumps(beat))
+    lock = acquire_output_lock(paths.output_dir, command=["bash", "train.sh"])
+    try:
+        st = run_status(paths)
+        assert st["state"] == "running (not under fluxgym's supervisor)" and st["pid"] == os.getpid()
+        assert main(["stop", "my-lora", "--root", str(root)]) == 3  # not ours to stop: say whose it is
+        assert f"pid {os.getpid()}" in capsys.readouterr().err
+    finally:
+        lock.release()
+    paths.out("heartbeat.json").write_text(json.dumps({**beat, "phase": "stopped", "time": time.time()}))
+    assert run_status(paths)["state"] == "stopped"  # Ctrl-C of train.sh after an earlier supervised run
+    paths.out("heartbeat.json").write_text(json.dumps({**beat, "phase": "stopped", "time": old - 1}))
+    assert run_status(paths)["state"] == "succeeded"  # the supervised run's verdict is the newer word
+    paths.out("heartbeat.json").write_text(json.dumps(beat))
+    paths.out("events.jsonl").unlink()  # a folder only train.sh ever trained in
+    st = run_status(paths)  # killed with -9: the lock is gone, the heartbeat still says training
+    assert st["state"] == "ended (no trainer holds the folder; its heartbeat last said training)", st["state"]
+    paths.out("heartbeat.json").write_text(json.dumps({**beat, "phase": "stopped", "time": time.time()}))
+    assert run_status(paths)["state"] == "stopped"

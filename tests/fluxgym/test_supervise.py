@@ -290,3 +290,31 @@ def test_the_log_follower_reads_from_its_offset_to_the_end_and_starts_over_after
     while console.getvalue() != b"".join(fed) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert console.getvalue() == b"".join(fed)
+
+
+def test_checkpoint_event_carries_the_checkpoints_own_step(tmp_path):
+    """The event's step is the saved state's (its manifest), not the step the heartbeat shows when the
+    supervisor next looks (the real trainer has moved on by then: state at step 320 reported as 339)."""
+    out = tmp_path / "run"
+    outcome, events = supervise(fake_spec(out, "--steps", "60", "--step-time", "0.01", "--save-every", "20"))
+    assert outcome.state == "done"
+    saved = kinds(events, "checkpoint")
+    assert [e["path"] for e in saved] == [str(out / "fake-step00000020-state"), str(out / "fake-step00000040-state")]
+    assert [e["step"] for e in saved] == [20, 40]
+
+
+def test_the_trainers_own_error_line_beats_the_launchers_traceback():
+    """Under `accelerate launch` (train.sh's default) every failure ends with the launcher's CalledProcessError;
+    `fluxgym train` said "training FAILED: subprocess.CalledProcessError: Command '[...' instead of the cause."""
+    from fluxgym.supervise.outcome import first_error_line
+
+    lines = ["error: output folder outputs/x is in use by another trainer (pid 42, running since ...)",
+             "Traceback (most recent call last):",
+             "    raise subprocess.CalledProcessError(returncode=process.returncode, cmd=cmd)",
+             "subprocess.CalledProcessError: Command '['python', 'flux_train_network.py']' returned non-zero exit "
+             "status 4."]
+    assert first_error_line(lines).startswith("error: output folder outputs/x is in use")
+    crash = ["Traceback (most recent call last):", "RuntimeError: shapes do not match",
+             "subprocess.CalledProcessError: Command '['python']' returned non-zero exit status 1."]
+    assert first_error_line(crash) == "RuntimeError: shapes do not match"  # the trainer's crash, not the launcher's
+    assert first_error_line(crash[2:]).startswith("subprocess.CalledProcessError")  # all there is

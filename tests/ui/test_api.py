@@ -48,6 +48,8 @@ def test_health_and_empty_queue(client):
     ("extra", ["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
     ("extra", ["--timestep_sampling", "sideways"], "invalid choice: 'sideways'"),
     ("extra", ["--fp8_base"], "--fp8_base needs --mixed_precision"),  # the trainer's settings check
+    ("extra", ["--network_dim", "0"], "--network_dim 0: must be at least 1"),  # the trainer's preflight ranges
+    ("extra", ["--learning_rate", "-1"], "--learning_rate -1.0: must be more than 0"),
     ("images_dir", "/nonexistent/folder", "folder not found"),
 ])
 def test_bad_values_are_refused_naming_the_field(client, api_root, tmp_path, field, value, needle):
