@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shlex
-import struct
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from library.checkpoint_validation import (  # noqa: E402
     discover,
     newest_valid_state,
     read_manifest,
+    read_safetensors_header,
     validate_lora_file,
     validate_state_dir,
 )
@@ -232,27 +232,15 @@ def _run_prune(args, output_dir: Path) -> int:
     return EXIT_OK if valid else EXIT_NONE
 
 
-def _lora_metadata(path: Path) -> dict:
-    """The __metadata__ of a safetensors file, read from its header only."""
-    try:
-        with open(path, "rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(size))
-    except (OSError, ValueError, struct.error):
-        return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
-
-
 def validation_record(info: CheckpointInfo) -> tuple[float, int] | None:
     """(validation loss, step it was measured at) that a checkpoint recorded, or None."""
     try:
         if info.path.is_dir():
             record = read_manifest(info.path).get("validation") or {}
             return float(record["validation_loss"]), int(record["validation_step"])
-        meta = _lora_metadata(info.path)
+        meta = read_safetensors_header(info.path)[0].get("__metadata__") or {}
         return float(meta["fluxtrain_validation_loss"]), int(meta["fluxtrain_validation_step"])
-    except (KeyError, TypeError, ValueError):
+    except (OSError, KeyError, TypeError, ValueError):
         return None
 
 
