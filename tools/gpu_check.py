@@ -118,8 +118,11 @@ def judge(shape: Shape, exit_code: int | None, output: str, wall_s: float) -> Re
 
 
 def _last_error(output: str) -> str:
+    """The trainer's own error line. accelerate's launcher re-raises a failed rank as
+    `subprocess.CalledProcessError: Command [...]`, which names the command, not the cause (the first
+    GPU check showed only that for every shape), so that line is passed over."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "Error" in ln or ln.startswith("error:")]
+    errors = [ln for ln in lines if ("Error" in ln or ln.startswith("error:")) and "CalledProcessError" not in ln]
     return (errors or lines or ["no output"])[-1][:200]
 
 
@@ -199,7 +202,7 @@ def command_for(shape: Shape, models, toml: Path, out: Path) -> list[str]:
     return [sys.executable, *launch, str(req.trainer_script), *argv]
 
 
-def run_shape(shape: Shape, cmd: list[str], timeout: float) -> Result:
+def run_shape(shape: Shape, cmd: list[str], timeout: float, out_dir: Path) -> Result:
     env = {**os.environ, "FLUXTRAIN_RUN_STATS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **shape.env}
     started = time.monotonic()
     # Own session: on a timeout the whole tree we started (accelerate and its ranks) is ended by group id.
@@ -212,6 +215,8 @@ def run_shape(shape: Shape, cmd: list[str], timeout: float) -> Result:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         code = None
+    # The whole console beside the run, so a failed shape can be read after the machine is gone.
+    (out_dir / "gpu_check-console.txt").write_text(output, encoding="utf-8")
     return judge(shape, code, output, time.monotonic() - started)
 
 
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         toml = _dataset(args.work_dir, _resolution(shape))
         out = args.work_dir / "runs" / shape.name
         _clear(out)
-        result = run_shape(shape, command_for(shape, models, toml, out), min(SHAPE_TIMEOUT_S, left))
+        result = run_shape(shape, command_for(shape, models, toml, out), min(SHAPE_TIMEOUT_S, left), out)
         results.append(result)
         if not args.json:
             print(f"  {shape.name}: {result.outcome}", flush=True)

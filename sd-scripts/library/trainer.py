@@ -95,6 +95,11 @@ class FluxLoRATrainer:
         accelerator = Accelerator(mixed_precision=self.s.run.mixed_precision, kwargs_handlers=handlers,
                                   cpu=not torch.cuda.is_available())
         print(f"accelerator device: {accelerator.device}")
+        if accelerator.device.type == "cuda":
+            # FIX: on an H200 (torch 2.11 + CUDA 13) the cuDNN attention backend that SDPA picks by
+            # default on Hopper faulted in the backward pass of the second step ("illegal memory access",
+            # mha_graph.execute) and killed every run; flash / memory-efficient SDPA train the same math.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         set_seed(self.s.run.seed)
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.s.run.mixed_precision, torch.float32)
         self.session = TrainSession(settings=self.s, accelerator=accelerator, device=accelerator.device,

@@ -68,6 +68,11 @@ def test_judge_reads_stats_guards_and_exit():
     assert not r.ok and r.outcome == "FAILED: guard block_swap fired (exit 124)"
     r = gc.judge(_shape("bf16"), 1, "loading\ntorch.OutOfMemoryError: CUDA out of memory\nbye\n", 5)
     assert not r.ok and r.outcome == "FAILED: exit 1: torch.OutOfMemoryError: CUDA out of memory"
+    launcher = ("torch.AcceleratorError: CUDA error: an illegal memory access was encountered\n"
+                "Traceback (most recent call last):\n  File \"launch.py\", line 999, in simple_launcher\n"
+                "subprocess.CalledProcessError: Command '['python3', 'flux_train_network.py']' returned 1.\n")
+    r = gc.judge(_shape("bf16"), 1, launcher, 45)  # the rank's error, not accelerate's wrapper
+    assert r.outcome == "FAILED: exit 1: torch.AcceleratorError: CUDA error: an illegal memory access was encountered"
     r = gc.judge(_shape("bf16"), 0, "no stats printed\n" + cm.MODEL_SAVED, 5)  # a run that did not report
     assert not r.ok
     r = gc.judge(_shape("bf16"), None, _stats(), 180)
@@ -100,7 +105,7 @@ def test_without_a_gpu_it_says_so_and_exits_0(monkeypatch, capsys):
 def test_main_runs_the_selected_shapes_and_fails_on_a_bad_one(monkeypatch, tmp_path, capsys):
     ran = []
 
-    def fake_run(shape, cmd, timeout):
+    def fake_run(shape, cmd, timeout, out_dir):
         ran.append(shape.name)
         if shape.name == "8G":
             return gc.judge(shape, 1, "RuntimeError: boom\n", 3)
