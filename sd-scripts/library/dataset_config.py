@@ -51,7 +51,7 @@ class SubsetBlueprint:
     is_reg: bool = False  # regularisation (prior-preservation) images: loss weighted by --prior_loss_weight
     alpha_mask: bool = False  # the image's alpha channel weights the loss (masked loss)
     resize_interpolation: str | None = None  # PIL resampling name; None: lanczos
-    metadata_file: Path | None = None  # --in_json / metadata_file: captions (and the image list) come from this JSON file
+    metadata_file: Path | None = None  # --in_json / metadata_file: the image list and captions come from this JSON
     images: tuple[tuple[Path, str], ...] | None = None  # --dataset_class: (image, caption) pairs, no folder scan
 
 
@@ -430,7 +430,7 @@ def blueprints_from_train_data_dir(train_data_dir: str | Path, *, cli: Mapping[s
         if reg_data_dir:
             raise DatasetConfigError(f"--reg_data_dir with --in_json {in_json}: a fine-tuning metadata dataset has "
                                      "no regularisation images (as upstream); remove one of them")
-        subset = _build_subset(_Lookup([cli_layer]), str(root), f"--in_json {in_json} with {where}")
+        subset = _build_subset(_Lookup([cli_layer]), str(root), f"--in_json {in_json}")
         subset = dataclasses.replace(subset, metadata_file=Path(in_json).expanduser(), class_tokens=None)
         return [_build_dataset(_Lookup([cli_layer]), (subset,), where)]
     subsets = _kohya_subsets(root, where, cli_layer, is_reg=False)
