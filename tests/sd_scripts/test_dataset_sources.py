@@ -192,8 +192,8 @@ def test_metadata_file_subset_is_in_json_for_that_subset(tmp_path, capsys):
 
     (folder / "bad.json").write_text(json.dumps({"nope": {"caption": "y"}}), encoding="utf-8")
     toml.write_text(f"[[datasets]]\n[[datasets.subsets]]\nmetadata_file = '{folder / 'bad.json'}'\n", encoding="utf-8")
-    with pytest.raises(DatasetConfigError, match=r"metadata_file \S+bad\.json in \[\[datasets\.subsets\]\] #1 .*d\.toml:"
-                                                 r" no image for 1 key\(s\)"):
+    expected = r"metadata_file \S+bad\.json in \[\[datasets\.subsets\]\] #1 .*d\.toml: no image for 1 key\(s\)"
+    with pytest.raises(DatasetConfigError, match=expected):
         build_dataset(load_dataset_config(toml, cli=cli), seed=1)
     toml.write_text(f"[[datasets]]\n[[datasets.subsets]]\nmetadata_file = '{folder / 'meta.json'}'\nis_reg = true\n",
                     encoding="utf-8")
