@@ -339,9 +339,7 @@ def _blocks_to_swap(ns: argparse.Namespace) -> int:
 
 
 def _data(ns: argparse.Namespace) -> DataSettings:
-    from library import option_settings
-
-    from library import dataset_class
+    from library import dataset_class, option_settings
 
     dataset_class.check_flags(ns)
     if not ns.dataset_config and not ns.train_data_dir and not ns.dataset_class:

@@ -170,6 +170,22 @@ def test_toml_validation_keys_hold_out_what_the_flags_hold_out(tmp_path):
     assert _held_out(toml("off.toml", "validation_split = 0.0\n"), ValidationSettings(split=0.4, seed=7)) == []
 
 
+def test_toml_validation_keys_reach_the_trainer(tmp_path, capsys):
+    """Through the real command line (--debug_dataset lists what training would use): the same listing."""
+    a, b = _folders(tmp_path)
+    base = ["--pretrained_model_name_or_path", "/missing/f", "--clip_l", "/missing/c", "--t5xxl", "/missing/t",
+            "--ae", "/missing/a", "--caption_extension", ".txt", "--output_dir", str(tmp_path / "out"),
+            "--debug_dataset"]
+    listings = []
+    for name, keys, flags in (("flags.toml", "", ["--validation_split", "0.4", "--validation_seed", "7"]),
+                              ("keys.toml", "validation_split = 0.4\nvalidation_seed = 7\n", [])):
+        (tmp_path / name).write_text(f"[[datasets]]\nresolution = 64\n{keys}[[datasets.subsets]]\nimage_dir = '{a}'\n"
+                                     f"[[datasets.subsets]]\nimage_dir = '{b}'\n", encoding="utf-8")
+        assert run_trainer_in_process(base + ["--dataset_config", str(tmp_path / name), *flags]) == 0
+        listings.append(capsys.readouterr().out)
+    assert listings[0] == listings[1] and "held out for validation: 4" in listings[0]
+
+
 def test_metadata_file_subset_is_in_json_for_that_subset(tmp_path, capsys):
     folder = tmp_path / "imgs"
     _write_images(tmp_path, [f"imgs/{i}.png" for i in range(3)])
