@@ -115,6 +115,9 @@ def split_dataset(dataset: TrainDataset, settings: ValidationSettings, blueprint
     the `blueprints` the dataset was built from)."""
     per_dataset = dataset_splits(blueprints, settings)
     if not settings.enabled and not any(split > 0 for split, _ in per_dataset.values()):
+        if settings.every_n_steps or settings.every_n_epochs or settings.max_steps:
+            log.warning("validation flags have no effect without --validation_split or a validation_split key in "
+                        "the dataset config")
         return dataset, None
     train, held_out = split_indices(dataset.items, settings.split, settings.seed, per_dataset)
     if not held_out:
