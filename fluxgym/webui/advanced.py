@@ -1,8 +1,9 @@
 """The Advanced panel: one input per trainer flag, built from the trainer's own parser.
 
 Every option of `flux_train_network.setup_parser()` appears with its help text, except `--help`, the
-upstream flags this trainer refuses, and the flags the New LoRA form sets itself. A switch is a checkbox;
-everything else is a text box whose words become argv elements (shlex rules, so quotes group words).
+upstream flags this trainer refuses, the flags the New LoRA form sets itself and those its dataset.toml
+excludes. A switch is a checkbox; everything else is a text box whose words become argv elements (shlex
+rules, so quotes group words).
 Only inputs changed from their start value are passed on, after the generated flags (the last one wins).
 """
 
@@ -21,6 +22,9 @@ FORM_DESTS = frozenset({
     "seed", "max_data_loader_n_workers", "sample_prompts", "sample_every_n_steps", "save_state",
     "save_last_n_epochs_state", "resume", "mixed_precision", "save_model_as",
 })
+# Left out because the form always writes a dataset.toml, which they cannot be combined with (the trainer
+# refuses --dataset_class with --dataset_config); train.sh edited by hand can still use them.
+NOT_WITH_FORM = frozenset({"dataset_class"})
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ def advanced_flags() -> list[AdvancedFlag]:
     group_of = {id(a): g.title or "other" for g in parser._action_groups for a in g._group_actions}
     out = []
     for a in parser._actions:
-        if not a.option_strings or a.dest == "help" or a.dest in FORM_DESTS or a.help == argparse.SUPPRESS:
+        hidden = a.dest in FORM_DESTS or a.dest in NOT_WITH_FORM or a.help == argparse.SUPPRESS
+        if not a.option_strings or a.dest == "help" or hidden:
             continue
         if _is_unsupported(a):
             continue

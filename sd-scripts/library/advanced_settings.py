@@ -77,9 +77,10 @@ def _validation(ns: argparse.Namespace, seed: int) -> ValidationSettings:
     every_steps = _positive(ns, "validate_every_n_steps")
     every_epochs = _positive(ns, "validate_every_n_epochs")
     max_steps = _positive(ns, "max_validation_steps")
-    if not split and (every_steps or every_epochs or max_steps or ns.validation_seed is not None):
-        log.warning("validation flags have no effect without --validation_split (or validation_split in the "
-                    "dataset config)")
+    # with a dataset config, its validation_split keys may turn validation on (library.validation warns then)
+    if not split and not ns.dataset_config and (every_steps or every_epochs or max_steps or
+                                                ns.validation_seed is not None):
+        log.warning("validation flags have no effect without --validation_split")
     return ValidationSettings(split=split, seed=ns.validation_seed if ns.validation_seed is not None else seed,
                               every_n_steps=every_steps, every_n_epochs=every_epochs, max_steps=max_steps)
 

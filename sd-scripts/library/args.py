@@ -28,7 +28,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--weighted_captions": "SD1/SDXL prompt weighting; not used by FLUX LoRA",
     "--token_warmup_min": "token warmup is an SD1/SDXL caption option; not used by FLUX LoRA",
     "--token_warmup_step": "token warmup is an SD1/SDXL caption option; not used by FLUX LoRA",
-    "--dataset_class": "custom dataset classes are not handled; use image folders or --dataset_config",
     "--conditioning_data_dir": _CONTROLNET, "--controlnet_model_name_or_path": _CONTROLNET,
     "--deepspeed": _DEEPSPEED, "--zero_stage": _DEEPSPEED, "--offload_optimizer_device": _DEEPSPEED,
     "--offload_optimizer_nvme_path": _DEEPSPEED, "--offload_param_device": _DEEPSPEED,
@@ -78,6 +77,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dataset_config", type=str, default=None, help="dataset .toml or .json")
     group.add_argument("--in_json", type=str, default=None,
                        help="fine-tuning metadata JSON (image key -> caption/tags) for the images in --train_data_dir")
+    group.add_argument("--dataset_class", type=str, default=None,
+                       help="package.module.ClassName giving the images and captions (library.dataset_class); "
+                            "instead of --dataset_config/--train_data_dir")
     group.add_argument("--cache_info", action="store_true", help="accepted; caches always keep their own index")
     group.add_argument("--caption_extension", type=str, default=".caption")
     group.add_argument("--caption_extention", type=str, default=None, help=argparse.SUPPRESS)

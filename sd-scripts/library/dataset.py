@@ -171,9 +171,11 @@ def _read_caption(image: Path, ext: str, all_lines: bool = False) -> str | None:
 def _subset_items(sub: SubsetBlueprint, bp: DatasetBlueprint, ds_index: int, buckets, uncaptioned: list,
                   prior_loss_weight: float = 1.0) -> list:
     wildcard = sub.caption_options.enable_wildcard
-    if sub.metadata_file is not None:  # --in_json: the file lists the images and gives their captions
+    if sub.images is not None:  # --dataset_class: the class listed the images and their captions
+        pairs = list(sub.images)
+    elif sub.metadata_file is not None:  # --in_json / metadata_file: the file lists the images and their captions
         pairs = finetune_metadata.metadata_captions(sub.metadata_file, sub.image_dir,
-                                                    sub.caption_options.caption_separator, wildcard)
+                                                    sub.caption_options.caption_separator, wildcard, label=sub.source)
     else:
         images = sorted(p for p in sub.image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         pairs = [(path, _read_caption(path, sub.caption_extension, wildcard)) for path in images]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,8 @@ class SubsetBlueprint:
     is_reg: bool = False  # regularisation (prior-preservation) images: loss weighted by --prior_loss_weight
     alpha_mask: bool = False  # the image's alpha channel weights the loss (masked loss)
     resize_interpolation: str | None = None  # PIL resampling name; None: lanczos
-    metadata_file: Path | None = None  # --in_json: captions (and the image list) come from this JSON file
+    metadata_file: Path | None = None  # --in_json / metadata_file: the image list and captions come from this JSON
+    images: tuple[tuple[Path, str], ...] | None = None  # --dataset_class: (image, caption) pairs, no folder scan
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class DatasetBlueprint:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     source: str = ""
+    validation_split: float | None = None  # dataset.toml value; None: --validation_split (library.validation)
+    validation_seed: int | None = None  # dataset.toml value; None: --validation_seed, else --seed
 
 
 # Supported keys: name -> (kind, default). Dataset keys live in [general]/[[datasets]]; subset keys
@@ -76,6 +80,8 @@ DATASET_KEYS: dict[str, tuple[str, Any]] = {
     "max_bucket_reso": ("pos_int", 1024),
     "bucket_reso_steps": ("pos_int", 64),
     "bucket_no_upscale": ("bool", False),
+    "validation_split": ("split", None),  # None: the command line's value (library.validation.dataset_splits)
+    "validation_seed": ("nonneg_int", None),
 }
 SUBSET_KEYS: dict[str, tuple[str, Any]] = {
     "num_repeats": ("pos_int", 1),
@@ -97,7 +103,7 @@ SUBSET_KEYS: dict[str, tuple[str, Any]] = {
     "resize_interpolation": ("interpolation", None),
 }
 SUBSET_ONLY_KEYS: dict[str, tuple[str, Any]] = {"image_dir": ("str", None), "is_reg": ("bool", False),
-                                                "alpha_mask": ("bool", False)}
+                                                "alpha_mask": ("bool", False), "metadata_file": ("str", None)}
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 CAPTION_KEYS = ("shuffle_caption", "keep_tokens", "keep_tokens_separator", "caption_separator", "secondary_separator",
                 "enable_wildcard", "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate")
@@ -105,8 +111,6 @@ CAPTION_KEYS = ("shuffle_caption", "keep_tokens", "keep_tokens_separator", "capt
 # Keys upstream understands that we do not implement: allowed only at their default value.
 UNSUPPORTED_DATASET_KEYS = {
     "network_multiplier": 1.0,
-    "validation_split": 0.0,
-    "validation_seed": None,
 }
 UNSUPPORTED_SUBSET_KEYS = {
     "token_warmup_min": 1,
@@ -116,7 +120,6 @@ UNSUPPORTED_SUBSET_KEYS = {
     "face_crop_aug_range": None,
 }
 UNSUPPORTED_SUBSET_ONLY_KEYS = {
-    "metadata_file": None,
     "conditioning_data_dir": None,
     "custom_attributes": None,
 }
@@ -173,6 +176,11 @@ def _check_value(key: str, value: Any, kind: str, where: str) -> Any:
         if value not in INTERPOLATIONS:
             raise DatasetConfigError(f"{key} in {where} must be one of {', '.join(INTERPOLATIONS)}, got {value!r}")
         return value
+    if kind == "split":  # a held-out fraction, as --validation_split
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+        if not ok:
+            raise DatasetConfigError(f"{key} in {where} must be a number from 0 to below 1, got {value!r}")
+        return float(value)
     if kind == "rate":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
         if not ok:
@@ -257,7 +265,7 @@ def _check_image_dir(raw: Any, where: str) -> Path:
     return folder
 
 
-def _build_subset(lookup: _Lookup, image_dir: Any, where: str) -> SubsetBlueprint:
+def _build_subset(lookup: _Lookup, image_dir: Any, where: str, *, scan_dir: bool = True) -> SubsetBlueprint:
     values = {}
     for key in ("num_repeats", "class_tokens", "caption_extension", "keep_tokens", "caption_prefix",
                 "caption_suffix", "flip_aug"):
@@ -273,7 +281,8 @@ def _build_subset(lookup: _Lookup, image_dir: Any, where: str) -> SubsetBlueprin
         raise DatasetConfigError(f"caption_separator in {where} must not be empty")
     extras = {key: lookup.get(key, *SUBSET_ONLY_KEYS[key])[0] for key in ("is_reg", "alpha_mask")}
     extras["resize_interpolation"] = lookup.get("resize_interpolation", *SUBSET_KEYS["resize_interpolation"])[0]
-    return SubsetBlueprint(image_dir=_check_image_dir(image_dir, where), source=where,
+    folder = _check_image_dir(image_dir, where) if scan_dir else Path(image_dir)
+    return SubsetBlueprint(image_dir=folder, source=where,
                            caption_options=CaptionOptions(**options), **extras, **values)
 
 
@@ -360,10 +369,33 @@ def load_dataset_config(path: str | Path, *, cli: Mapping[str, Any] | None = Non
             sub_where = f"[[datasets.subsets]] #{j} of [[datasets]] #{i} in {path}"
             _check_table(sub, "subset", sub_where)
             lookup = _Lookup([(sub, sub_where), (ds, ds_where), (general, f"[general] in {path}"), cli_layer])
-            subsets.append(_build_subset(lookup, sub.get("image_dir"), sub_where))
+            if sub.get("metadata_file") is not None:
+                subsets.append(_metadata_subset(lookup, sub, sub_where))
+            else:
+                subsets.append(_build_subset(lookup, sub.get("image_dir"), sub_where))
         ds_lookup = _Lookup([(ds, ds_where), (general, f"[general] in {path}"), cli_layer])
         blueprints.append(_build_dataset(ds_lookup, tuple(subsets), ds_where))
     return blueprints
+
+
+def _metadata_subset(lookup: _Lookup, sub: dict, where: str) -> SubsetBlueprint:
+    """Upstream's fine-tuning subset: `metadata_file` (as --in_json) with an optional `image_dir` where its keys
+    are looked up (default: the metadata file's folder; keys may also be image paths)."""
+    meta = Path(_check_value("metadata_file", sub["metadata_file"], "str", where)).expanduser()
+    if not meta.is_file():
+        raise DatasetConfigError(f"metadata_file '{meta}' in {where} does not exist")
+    for key in ("is_reg", "class_tokens", "caption_extension"):
+        if sub.get(key):  # upstream's fine-tuning subsets do not take them either
+            raise DatasetConfigError(f"{key} and metadata_file in {where}: a metadata_file subset takes its images and "
+                                     "captions from the file; move the images with their own settings to another "
+                                     "subset with image_dir")
+    folder = meta.parent
+    if sub.get("image_dir") is not None:
+        folder = Path(_check_value("image_dir", sub["image_dir"], "str", where)).expanduser()
+        if not folder.is_dir():
+            raise DatasetConfigError(f"image_dir '{folder}' in {where} is not a directory")
+    subset = _build_subset(lookup, str(folder), where, scan_dir=False)
+    return dataclasses.replace(subset, metadata_file=meta, class_tokens=None, source=f"metadata_file {meta} in {where}")
 
 
 _KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
@@ -398,7 +430,7 @@ def blueprints_from_train_data_dir(train_data_dir: str | Path, *, cli: Mapping[s
         if reg_data_dir:
             raise DatasetConfigError(f"--reg_data_dir with --in_json {in_json}: a fine-tuning metadata dataset has "
                                      "no regularisation images (as upstream); remove one of them")
-        subset = _build_subset(_Lookup([cli_layer]), str(root), f"{where} with --in_json {in_json}")
+        subset = _build_subset(_Lookup([cli_layer]), str(root), f"--in_json {in_json}")
         subset = dataclasses.replace(subset, metadata_file=Path(in_json).expanduser(), class_tokens=None)
         return [_build_dataset(_Lookup([cli_layer]), (subset,), where)]
     subsets = _kohya_subsets(root, where, cli_layer, is_reg=False)
@@ -413,6 +445,25 @@ def blueprints_from_train_data_dir(train_data_dir: str | Path, *, cli: Mapping[s
         if not reg_subsets:
             raise DatasetConfigError(f"{reg_where} has no <repeats>_<name> folders with images")
         subsets += reg_subsets
+    return [_build_dataset(_Lookup([cli_layer]), tuple(subsets), where)]
+
+
+def blueprints_from_image_lists(groups: list[tuple[int, bool, list[tuple[Path, str]]]], *, where: str,
+                                cli: Mapping[str, Any] | None = None) -> list[DatasetBlueprint]:
+    """One dataset whose subsets list their images (library.dataset_class): each (num_repeats, is_reg, pairs)
+    group becomes a subset; everything else (resolution, buckets, caption options) comes from the command line."""
+    cli_layer = (_normalize_cli(cli), "the command line")
+    _check_cli_unsupported(cli_layer[0])
+    subsets = []
+    for num_repeats, is_reg, pairs in groups:
+        parents = [str(path.parent) for path, _ in pairs]
+        try:
+            folder = os.path.commonpath(parents)  # what ss_datasets names as the subset's image_dir
+        except ValueError:  # different drives
+            folder = parents[0]
+        layer = ({"num_repeats": num_repeats, "is_reg": is_reg}, where)
+        subset = _build_subset(_Lookup([layer, cli_layer]), folder, where, scan_dir=False)
+        subsets.append(dataclasses.replace(subset, images=tuple(pairs), class_tokens=None))
     return [_build_dataset(_Lookup([cli_layer]), tuple(subsets), where)]
 
 

@@ -19,7 +19,7 @@ def dataset_lines(settings: TrainSettings) -> list[str]:
 
     blueprints = load_blueprints(settings)
     data = dataset.build_dataset(blueprints, seed=settings.run.seed, prior_loss_weight=settings.data.prior_loss_weight)
-    train, held_out = validation.split_dataset(data, settings.validation)
+    train, held_out = validation.split_dataset(data, settings.validation, blueprints)
     lines = []
     indices = list(getattr(train, "indices", range(len(train.items))))  # a SubsetDataset keeps all items
     for index in indices:

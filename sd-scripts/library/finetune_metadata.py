@@ -1,4 +1,5 @@
-"""Upstream's fine-tuning metadata file (`--in_json` with `--train_data_dir`): captions from one JSON file.
+"""Upstream's fine-tuning metadata file (`--in_json` with `--train_data_dir`, or a dataset.toml subset's
+`metadata_file` with optional `image_dir`): captions from one JSON file.
 
 The file maps an image key to its entry: `{"<key>": {"caption": "...", "tags": "...", ...}, ...}` (what
 upstream's merge_captions_to_metadata.py / merge_dd_tags_to_metadata.py write). Facts kept from upstream:
@@ -16,24 +17,25 @@ from pathlib import Path
 from library.dataset_config import IMAGE_EXTENSIONS, DatasetConfigError
 
 
-def read_metadata(path: Path) -> dict[str, dict]:
-    """The JSON file as {key: entry}; a clear error naming the file for anything else."""
+def read_metadata(path: Path, label: str | None = None) -> dict[str, dict]:
+    """The JSON file as {key: entry}; a clear error naming the file (as `label`, default --in_json) otherwise."""
+    label = label or f"--in_json {path}"
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError as exc:
-        raise DatasetConfigError(f"--in_json {path}: file not found") from exc
+        raise DatasetConfigError(f"{label}: file not found") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetConfigError(f"--in_json {path}: cannot read it as JSON ({exc})") from exc
+        raise DatasetConfigError(f"{label}: cannot read it as JSON ({exc})") from exc
     if not isinstance(data, dict) or not data:
-        raise DatasetConfigError(f"--in_json {path}: expected an object mapping image keys to entries, with at "
+        raise DatasetConfigError(f"{label}: expected an object mapping image keys to entries, with at "
                                  "least one image")
     for key, entry in data.items():
         if not isinstance(entry, dict):
-            raise DatasetConfigError(f"--in_json {path}: the entry of {key!r} is not an object "
+            raise DatasetConfigError(f"{label}: the entry of {key!r} is not an object "
                                      '(expected {"caption": ..., "tags": ...})')
         for field in ("caption", "tags"):
             if entry.get(field) is not None and not isinstance(entry[field], str):
-                raise DatasetConfigError(f"--in_json {path}: {field} of {key!r} is not a string")
+                raise DatasetConfigError(f"{label}: {field} of {key!r} is not a string")
     return data
 
 
@@ -65,10 +67,12 @@ def entry_caption(entry: dict, separator: str, wildcard: bool) -> str:
     return caption or ""
 
 
-def metadata_captions(metadata_file: Path, image_dir: Path, separator: str, wildcard: bool
-                      ) -> list[tuple[Path, str]]:
-    """(image path, caption) per entry, in the file's order; every missing image is named in one error."""
-    data = read_metadata(metadata_file)
+def metadata_captions(metadata_file: Path, image_dir: Path, separator: str, wildcard: bool, *,
+                      label: str | None = None) -> list[tuple[Path, str]]:
+    """(image path, caption) per entry, in the file's order; every missing image is named in one error.
+    `label` names the file in messages (the subset's source; default `--in_json FILE`)."""
+    label = label or f"--in_json {metadata_file}"
+    data = read_metadata(metadata_file, label)
     pairs, missing = [], []
     for key, entry in data.items():
         path = find_image(key, image_dir)
@@ -78,7 +82,7 @@ def metadata_captions(metadata_file: Path, image_dir: Path, separator: str, wild
         pairs.append((path, entry_caption(entry, separator, wildcard)))
     if missing:
         shown = ", ".join(repr(k) for k in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise DatasetConfigError(f"--in_json {metadata_file}: no image for {len(missing)} key(s) in --train_data_dir "
-                                 f"{image_dir} ({shown}); each key must be an image path or a file name in that "
-                                 f"folder, with or without its extension ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DatasetConfigError(f"{label}: no image for {len(missing)} key(s) in {image_dir} ({shown}); each key "
+                                 "must be an image path or a file name in that folder, with or without its extension "
+                                 f"({', '.join(IMAGE_EXTENSIONS)})")
     return pairs

@@ -155,6 +155,8 @@ def option_metadata(settings, items=()) -> dict[str, str]:
     meta = {f"ss_{key}": _str(raw.get(key)) for key in keys if key in raw}
     meta["ss_huber_schedule"] = getattr(flow, "huber_schedule", "constant")
     meta["ss_num_reg_images"] = str(sum(1 for item in items if getattr(item, "is_reg", False)))
+    if raw.get("dataset_class"):  # our key: upstream records no dataset class
+        meta["fluxtrain_dataset_class"] = str(raw["dataset_class"])
     return meta
 
 

@@ -14,6 +14,7 @@ or file and what to do, then settles what the rest of the run only reads:
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import errno
 import logging
@@ -188,7 +189,12 @@ def load_blueprints(settings: TrainSettings) -> list:
     from library import dataset_config
 
     data = settings.data
-    if data.dataset_config:
+    if data.dataset_class:  # the user's class lists the items (library.dataset_class); it gets the parsed flags
+        from library.dataset_class import blueprints_from_dataset_class
+
+        blueprints = blueprints_from_dataset_class(data.dataset_class, argparse.Namespace(**settings.raw),
+                                                   cli=data.cli_fallbacks)
+    elif data.dataset_config:
         if not Path(data.dataset_config).is_file():
             raise BadFileError(f"--dataset_config {data.dataset_config}: file not found")
         for flag, value in (("--train_data_dir", data.train_data_dir), ("--reg_data_dir", data.reg_data_dir),

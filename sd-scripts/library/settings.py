@@ -54,6 +54,7 @@ class DataSettings:
     reg_data_dir: str | None = None
     prior_loss_weight: float = 1.0  # loss weight of regularisation images
     in_json: str | None = None  # upstream's fine-tuning metadata file, with train_data_dir
+    dataset_class: str | None = None  # package.module.ClassName giving the items (library.dataset_class)
 
 
 @dataclass(frozen=True)
@@ -338,10 +339,11 @@ def _blocks_to_swap(ns: argparse.Namespace) -> int:
 
 
 def _data(ns: argparse.Namespace) -> DataSettings:
-    from library import option_settings
+    from library import dataset_class, option_settings
 
-    if not ns.dataset_config and not ns.train_data_dir:
-        raise SettingsError("--dataset_config (a dataset.toml) or --train_data_dir is required")
+    dataset_class.check_flags(ns)
+    if not ns.dataset_config and not ns.train_data_dir and not ns.dataset_class:
+        raise SettingsError("--dataset_config (a dataset.toml), --train_data_dir or --dataset_class is required")
     if ns.in_json and not ns.dataset_config:
         if not ns.train_data_dir:
             raise SettingsError("--in_json needs --train_data_dir: the folder holding the images it lists")
@@ -375,7 +377,8 @@ def _data(ns: argparse.Namespace) -> DataSettings:
         cache_text_encoder_outputs_to_disk=ns.cache_text_encoder_outputs_to_disk,
         vae_batch_size=max(1, ns.vae_batch_size), text_encoder_batch_size=ns.text_encoder_batch_size,
         num_workers=max(0, ns.max_data_loader_n_workers), persistent_workers=ns.persistent_data_loader_workers,
-        reg_data_dir=ns.reg_data_dir, prior_loss_weight=ns.prior_loss_weight, in_json=ns.in_json)
+        reg_data_dir=ns.reg_data_dir, prior_loss_weight=ns.prior_loss_weight, in_json=ns.in_json,
+        dataset_class=ns.dataset_class)
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion")

@@ -154,7 +154,7 @@ class FluxLoRATrainer:
         if self.s.data.dataset_config:
             print(f"Loading dataset config from {self.s.data.dataset_config}")
         data = dataset.build_dataset(blueprints, seed=self.s.run.seed, prior_loss_weight=self.s.data.prior_loss_weight)
-        data, val_dataset = validation.split_dataset(data, self.s.validation)
+        data, val_dataset = validation.split_dataset(data, self.s.validation, blueprints)
         world = session.world
         batches_per_epoch = -(-data.num_batches_per_epoch // world)
         max_train_steps, num_epochs = total_steps(self.s.run.max_train_steps, self.s.run.max_train_epochs,

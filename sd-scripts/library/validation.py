@@ -2,6 +2,7 @@
 
 - Split: per image folder, the images are shuffled with `random.Random(validation_seed)`; the first
   ceil(n * (1 - split)) train, the rest are held out (upstream's rule, so the same images are held out).
+  A dataset's `validation_split`/`validation_seed` keys in dataset.toml win over the flags for that dataset.
 - A pass: up to --max_validation_steps batches, each at the fixed timesteps 200, 400, 600, 800 (upstream's
   four evenly spaced ones), with noise drawn from a generator seeded by --validation_seed (default --seed)
   at the start of every pass. No flip, no repeats. So every pass sees the same inputs and passes are
@@ -35,16 +36,27 @@ def validation_timesteps(min_timestep: int = 0, max_timestep: int = NUM_TRAIN_TI
     return [int(min_timestep + (max_timestep - min_timestep) * k / (count - 1)) for k in range(1, count - 1)]
 
 
-def split_indices(items: Sequence[ImageItem], split: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, validation) item indices: each image folder of each dataset is split on its own."""
+def dataset_splits(blueprints: Sequence, settings: ValidationSettings) -> dict[int, tuple[float, int]]:
+    """(split, seed) per dataset index: the dataset's validation_split/validation_seed keys of dataset.toml win
+    over --validation_split/--validation_seed (default --seed), as the other dataset keys do."""
+    return {index: (bp.validation_split if bp.validation_split is not None else settings.split,
+                    bp.validation_seed if bp.validation_seed is not None else settings.seed)
+            for index, bp in enumerate(blueprints)}
+
+
+def split_indices(items: Sequence[ImageItem], split: float, seed: int,
+                  per_dataset: dict[int, tuple[float, int]] | None = None) -> tuple[list[int], list[int]]:
+    """(train, validation) item indices: each image folder of each dataset is split on its own, with that
+    dataset's (split, seed) from `per_dataset` where given."""
     folders: dict[tuple, list[int]] = {}
     for index, item in enumerate(items):
         folders.setdefault((item.dataset_index, str(item.image_path.parent)), []).append(index)
     train, held_out = [], []
     for key in sorted(folders):
         indices = sorted(folders[key], key=lambda i: str(items[i].image_path))
-        random.Random(seed).shuffle(indices)
-        cut = math.ceil(len(indices) * (1 - split))
+        folder_split, folder_seed = (per_dataset or {}).get(key[0], (split, seed))
+        random.Random(folder_seed).shuffle(indices)
+        cut = math.ceil(len(indices) * (1 - folder_split))
         train += indices[:cut]
         held_out += indices[cut:]
     return sorted(train), sorted(held_out)
@@ -97,14 +109,21 @@ class SubsetDataset(TrainDataset):
         return batches
 
 
-def split_dataset(dataset: TrainDataset, settings: ValidationSettings) -> tuple[TrainDataset, SubsetDataset | None]:
-    """The training part and the held-out part (None without --validation_split)."""
-    if not settings.enabled:
+def split_dataset(dataset: TrainDataset, settings: ValidationSettings, blueprints: Sequence = ()
+                  ) -> tuple[TrainDataset, SubsetDataset | None]:
+    """The training part and the held-out part (None without --validation_split or a validation_split key of
+    the `blueprints` the dataset was built from)."""
+    per_dataset = dataset_splits(blueprints, settings)
+    if not settings.enabled and not any(split > 0 for split, _ in per_dataset.values()):
+        if settings.every_n_steps or settings.every_n_epochs or settings.max_steps:
+            log.warning("validation flags have no effect without --validation_split or a validation_split key in "
+                        "the dataset config")
         return dataset, None
-    train, held_out = split_indices(dataset.items, settings.split, settings.seed)
+    train, held_out = split_indices(dataset.items, settings.split, settings.seed, per_dataset)
     if not held_out:
-        log.warning("--validation_split %s holds out no image (too few images per folder): validation is off",
-                    settings.split)
+        splits = sorted({split for split, _ in per_dataset.values()} | {settings.split})
+        log.warning("validation_split %s holds out no image (too few images per folder): validation is off",
+                    "/".join(map(str, splits)))
         return dataset, None
     if not train:
         from library.settings import SettingsError
