@@ -25,7 +25,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--vae": "SD1/SDXL only; the FLUX autoencoder is --ae", "--max_token_length": _SD_ONLY + " (T5: --t5xxl_max_token_length)",
     "--zero_terminal_snr": _SD_NOISE, "--min_snr_gamma": _SD_NOISE, "--debiased_estimation_loss": _SD_NOISE,
     "--scale_v_pred_loss_like_noise_pred": _SD_NOISE, "--v_pred_like_loss": _SD_NOISE,
-    "--weighted_captions": "SD1/SDXL prompt weighting; not used by FLUX LoRA",
     "--token_warmup_min": "token warmup is an SD1/SDXL caption option; not used by FLUX LoRA",
     "--token_warmup_step": "token warmup is an SD1/SDXL caption option; not used by FLUX LoRA",
     "--conditioning_data_dir": _CONTROLNET, "--controlnet_model_name_or_path": _CONTROLNET,
@@ -34,8 +33,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--offload_param_nvme_path": _DEEPSPEED, "--zero3_init_flag": _DEEPSPEED, "--zero3_save_16bit_model": _DEEPSPEED,
     "--fp16_master_weights_and_gradients": _DEEPSPEED,
     "--fused_backward_pass": "full fine-tuning only (flux_train.py); upstream's LoRA path does not use it either",
-    "--model_type": "Chroma: this trainer trains FLUX.1 dev/schnell only",
-    "--bypass_flux_guidance": "Chroma only; not used by FLUX.1 LoRA",
     # augmentations that change the pixels every step: they need the VAE per step, and latents are always cached here
     "--random_crop": _PER_STEP_PIXELS, "--color_aug": _PER_STEP_PIXELS, "--face_crop_aug_range": _PER_STEP_PIXELS,
 }
@@ -266,6 +263,9 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
                        help="every Nth epoch trains with empty captions")
     group.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
                        help="chance of dropping each tag (not the keep_tokens ones)")
+    group.add_argument("--weighted_captions", action="store_true",
+                       help="(word) x1.1, [word] /1.1, (word:1.5) weight the T5 tokens of captions and sample prompts; "
+                            "keep commas out of brackets when shuffling or dropping tags")
 
 
 def add_regularisation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -341,6 +341,9 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model_prediction_type", type=str, default="sigma_scaled",
                        choices=["raw", "additive", "sigma_scaled"])
     group.add_argument("--discrete_flow_shift", type=float, default=3.0)
+    group.add_argument("--model_type", type=str, default="flux", choices=["flux", "chroma"],
+                       help="flux (FLUX.1 dev/schnell and their fine-tunes); chroma is refused: this trainer cannot "
+                            "load Chroma checkpoints")
 
 
 def add_dit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -357,6 +360,9 @@ def add_dit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mode_scale", type=float, default=1.29)
     group.add_argument("--blocks_to_swap", type=int, default=None, help="DiT blocks kept on the CPU and swapped in")
     group.add_argument("--split_mode", action="store_true", help="deprecated: same as --blocks_to_swap 18")
+    # upstream adds this one (like --split_mode) in flux_train_network.setup_parser
+    group.add_argument("--bypass_flux_guidance", action="store_true",
+                       help="train without the guidance embedding (for Flex.1-alpha); samples still use guidance")
 
 
 def add_hardening_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,9 @@ before multiplying by 1000, so under bf16 `--guidance_scale 3.5` reaches the sin
 as 3504 and every timestep is rounded the same way. BFL's reference and upstream sd-scripts train
 with `1000 * t` and `1000 * guidance` in float32. `keep_time_inputs_float32` restores that with two
 forward hooks; the weights, the state dict and every other layer are untouched.
+
+`allow_guidance_bypass` (--bypass_flux_guidance) lets a call with `guidance=None` run as if the model had no
+guidance embedder (timestep + pooled text only), while calls with guidance (sampling) are unchanged.
 """
 from __future__ import annotations
 
@@ -54,3 +57,29 @@ def keep_time_inputs_float32(model: torch.nn.Module) -> torch.nn.Module:
     model.time_text_embed.register_forward_pre_hook(substitute)
     setattr(model, _INSTALLED, True)
     return model
+
+
+_BYPASS = "_fluxtrain_guidance_bypass"
+
+
+def allow_guidance_bypass(model: torch.nn.Module) -> bool:
+    """Let `model(..., guidance=None)` skip the guidance embedding. False (nothing done) when the model has no
+    guidance embedder (FLUX.1 schnell-like: there is nothing to bypass). Idempotent; state dict untouched."""
+    embed = model.time_text_embed
+    if not hasattr(embed, "guidance_embedder"):
+        return False
+    if getattr(embed, _BYPASS, False):
+        return True
+    with_guidance = embed.forward
+
+    def forward(timestep, *rest):
+        # diffusers calls (timestep, pooled) when guidance is None, (timestep, guidance, pooled) otherwise
+        if len(rest) != 1:
+            return with_guidance(timestep, *rest)
+        (pooled,) = rest
+        timestep_emb = embed.timestep_embedder(embed.time_proj(timestep).to(dtype=pooled.dtype))
+        return timestep_emb + embed.text_embedder(pooled)
+
+    embed.forward = forward  # an instance attribute: hooks (the float32 substitute above) still run
+    setattr(embed, _BYPASS, True)
+    return True

@@ -132,6 +132,7 @@ def build_training_metadata(settings, *, optimizer_name: str, num_train_images: 
         "ss_sigmoid_scale": str(flow.sigmoid_scale),
         "ss_model_prediction_type": flow.model_prediction_type,
         "ss_discrete_flow_shift": str(flow.discrete_flow_shift),
+        "ss_bypass_flux_guidance": str(flow.bypass_guidance),  # the name LoRA metadata viewers show
     }
     if net.args:
         meta["ss_network_args"] = json.dumps(net.args)

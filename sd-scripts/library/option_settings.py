@@ -1,4 +1,4 @@
-"""Checks and typed settings for the caption, regularisation, data and Hub flags (issue 14, part B).
+"""Checks and typed settings for the caption, regularisation, data, Hub and model-type flags (issue 14, part B).
 
 `settings.settings_from_args` calls these once; every bad value raises SettingsError naming the flag, before
 any model loads. Caption and data flags become dataset fallbacks (a dataset.toml key of the same name wins,
@@ -36,6 +36,15 @@ def _non_negative(ns: argparse.Namespace, name: str) -> float:
     if value is not None and value < 0:
         raise SettingsError(f"--{name} {value}: must be 0 or more")
     return float(value or 0.0)
+
+
+def check_model_type(ns: argparse.Namespace) -> None:
+    """--model_type: upstream's flux/chroma switch. Only flux can be trained here."""
+    if ns.model_type == "chroma":
+        raise SettingsError("--model_type chroma: Chroma checkpoints are not supported by this trainer (it trains "
+                            "LoRAs for FLUX.1 dev/schnell and their fine-tunes, and cannot load Chroma's model). "
+                            "Train Chroma LoRAs with upstream sd-scripts' flux_train_network.py --model_type chroma "
+                            "--apply_t5_attn_mask; for a FLUX.1 model leave --model_type out (default flux)")
 
 
 def dataset_fallbacks(ns: argparse.Namespace) -> dict:

@@ -37,6 +37,7 @@ class ModelSettings:
     disable_mmap: bool
     t5xxl_max_token_length: int | None
     apply_t5_attn_mask: bool
+    weighted_captions: bool = False  # prompt-weight syntax weights the T5 tokens (library.prompt_weights)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class FlowSettings:
     huber_schedule: str = "constant"
     huber_c: float = 0.1
     huber_scale: float = 1.0
+    bypass_guidance: bool = False  # --bypass_flux_guidance: training forwards skip the guidance embedding
 
 
 @dataclass(frozen=True)
@@ -459,6 +461,9 @@ def _sample(ns: argparse.Namespace) -> SampleSettings:
 
 
 def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
+    from library import option_settings
+
+    option_settings.check_model_type(ns)  # first: a Chroma run fails on this, not on what follows from it
     _check_network(ns)
     fp8_base = ns.fp8_base or ns.fp8_base_unet
     if fp8_base and ns.mixed_precision == "no":
@@ -469,8 +474,6 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
     from library import advanced_settings
 
     extra = advanced_settings.advanced_settings_from_args(ns)  # logging, validation, precision, continuation
-    from library import option_settings
-
     extra.update(option_settings.option_settings_from_args(ns))  # captions, regularisation, data, hub
     dim, alpha = advanced_settings.network_dim_alpha(ns)
     model = ModelSettings(
@@ -480,13 +483,13 @@ def settings_from_args(ns: argparse.Namespace) -> TrainSettings:
         ae_path=_require(ns, "ae", "autoencoder weights (ae.sft)"),
         tokenizer_cache_dir=ns.tokenizer_cache_dir, fp8_base=fp8_base, fp8_base_unet=ns.fp8_base_unet,
         disable_mmap=ns.disable_mmap_load_safetensors, t5xxl_max_token_length=ns.t5xxl_max_token_length,
-        apply_t5_attn_mask=ns.apply_t5_attn_mask)
+        apply_t5_attn_mask=ns.apply_t5_attn_mask, weighted_captions=ns.weighted_captions)
     flow = FlowSettings(
         timestep_sampling=ns.timestep_sampling, sigmoid_scale=ns.sigmoid_scale,
         discrete_flow_shift=ns.discrete_flow_shift, model_prediction_type=ns.model_prediction_type,
         weighting_scheme=ns.weighting_scheme, logit_mean=ns.logit_mean, logit_std=ns.logit_std,
         mode_scale=ns.mode_scale, guidance_scale=ns.guidance_scale, loss_type=ns.loss_type,
-        **option_settings.flow_options(ns))
+        bypass_guidance=ns.bypass_flux_guidance, **option_settings.flow_options(ns))
     guards = GuardSettings(
         dataloader_timeout=ns.dataloader_timeout, block_swap_timeout=ns.block_swap_timeout,
         cache_io_timeout=ns.cache_io_timeout, sample_timeout=ns.sample_timeout, save_timeout=ns.save_timeout,

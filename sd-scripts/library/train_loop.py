@@ -150,7 +150,8 @@ def flow_matching_loss(session: TrainSession, batch: dict, latents: torch.Tensor
     packed = pack_latents(noised.noisy)
     img_ids = image_ids(h, w, b, device, dtype)
     guidance = None
-    if models.transformer.config.guidance_embeds:
+    # --bypass_flux_guidance: no guidance value, so the embedder is skipped (trainer.load_models set that up)
+    if models.transformer.config.guidance_embeds and not s.flow.bypass_guidance:
         guidance = torch.full((b,), s.flow.guidance_scale, device=device, dtype=torch.float32)
     if models.block_swapper is not None:
         models.block_swapper.prepare_block_devices_before_forward()

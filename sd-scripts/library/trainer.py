@@ -173,7 +173,7 @@ class FluxLoRATrainer:
             self.checkpointer.save_settings = planned.save
 
     def load_models(self) -> None:
-        from library import flux_loading
+        from library import flux_loading, flux_time_inputs
         from library.text_encoding import FluxTextEncoder
 
         m, session = self.s.model, self.session
@@ -184,13 +184,16 @@ class FluxLoRATrainer:
         transformer = flux_loading.load_flow_model(m.dit_path, dtype=session.weight_dtype, device="cpu",
                                                    fp8=m.fp8_base, disable_mmap=m.disable_mmap)
         transformer.requires_grad_(False)
+        if self.s.flow.bypass_guidance and not flux_time_inputs.allow_guidance_bypass(transformer):
+            log.warning("--bypass_flux_guidance: %s has no guidance embedder (a FLUX.1 schnell-like model), so "
+                        "there is nothing to bypass; training is the same as without the flag", m.dit_path)
         te_dtype = session.weight_dtype
         clip_l = flux_loading.load_clip_l(m.clip_l_path, dtype=te_dtype).requires_grad_(False)
         t5 = flux_loading.load_t5xxl(m.t5xxl_path, dtype=te_dtype).requires_grad_(False)
         ae = flux_loading.load_ae(m.ae_path, dtype=session.weight_dtype).requires_grad_(False)
         tok = session.tokenizers
         text_encoder = FluxTextEncoder(tok.clip, tok.t5, clip_l, t5, t5_max_length=t5_max_length,
-                                       apply_t5_attn_mask=m.apply_t5_attn_mask)
+                                       apply_t5_attn_mask=m.apply_t5_attn_mask, weighted_captions=m.weighted_captions)
         session.models = Models(info=info, transformer=transformer, clip_l=clip_l, t5=t5, ae=ae,
                                 text_encoder=text_encoder, train_clip=not self.s.network.train_unet_only,
                                 t5_max_length=t5_max_length, hasher=hasher)
@@ -233,6 +236,8 @@ class FluxLoRATrainer:
         tok, models = self.session.tokenizers, self.session.models
         parts = [caching.file_identity(self.s.model.clip_l_path), caching.file_identity(self.s.model.t5xxl_path),
                  type(tok.t5).__name__, str(len(tok.t5)), str(len(tok.clip)), str(models.t5_max_length)]
+        if self.s.model.weighted_captions:  # only then, so caches made before the flag existed stay valid
+            parts.append("weighted_captions")
         return "|".join(parts)
 
     def cache_text_encoder_outputs(self) -> None:
