@@ -37,6 +37,10 @@ class NotFound(LookupError):
     pass
 
 
+class JobConflict(FieldError):
+    """The form is fine, but the LoRA already has a waiting or running job (HTTP 409, not a bad value)."""
+
+
 def _store(root: Path) -> JobStore:
     return JobStore.open(root)
 
@@ -101,7 +105,7 @@ def create_job(root: Path, form: TrainForm, staged_images: Path | None = None) -
     with _submit_lock:
         busy = active_job_for(root, paths.slug)
         if busy is not None:
-            raise FieldError("name", f"LoRA '{paths.slug}' already has job {busy.id} ({busy.state}); stop it "
+            raise JobConflict("name", f"LoRA '{paths.slug}' already has job {busy.id} ({busy.state}); stop it "
                                      "or wait for it to end before starting another run")
         resolution = form.resolution or get_preset(form.vram).resolution
         try:

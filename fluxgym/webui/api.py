@@ -1,7 +1,8 @@
 """The JSON API under /api (what scripts and the browser tests use; documented in the README).
 
 Every error is `{"error": message, "field": name}` with a 4xx status: 400 a bad value (the field
-names the input), 404 no such job, 409 a command the job's state does not allow, 503 the job store
+names the input), 404 no such job, 409 a command the job's state does not allow or a second job for a
+LoRA that already has one (field "name"), 503 the job store
 cannot be opened. Handlers are plain `def`s: FastAPI runs them in its thread pool, so a slow store
 write never blocks the event loop that serves the pages.
 """
@@ -30,6 +31,8 @@ def _guard(fn):
     """Run a handler body and turn the engine's and the form's exceptions into JSON errors."""
     try:
         return fn()
+    except actions.JobConflict as exc:
+        return _error(409, str(exc), exc.field)
     except FieldError as exc:
         return _error(400, str(exc), exc.field)
     except actions.NotFound as exc:
@@ -49,8 +52,9 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         first = (exc.errors() or [{}])[0]
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
-        field = loc[-1] if loc else "body"
+        # A body that is not JSON at all comes as ("body", <character offset>): the field is the body.
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query") and not isinstance(p, int)]
+        field = "body" if first.get("type") == "json_invalid" or not loc else loc[-1]
         return _error(400, f"{field}: {first.get('msg', 'invalid value')}", field)
 
 

@@ -29,6 +29,8 @@ def test_health_and_empty_queue(client):
     assert r.status_code == 404 and r.json()["field"] == "id"
     r = client.post("/api/jobs", json=["not", "an", "object"])
     assert r.status_code == 400 and r.json()["field"] == "body", r.text
+    r = client.post("/api/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["field"] == "body", r.text
     r = client.get("/api/jobs/abc")
     assert r.status_code == 400 and r.json()["field"] == "job_id", r.text
     r = client.get("/api/jobs/1/log?tail=0")
@@ -110,8 +112,8 @@ def test_two_tabs_starting_the_same_lora_give_one_job(client, api_root, tmp_path
     for t in threads:
         t.join(60)
     codes = sorted(a.status_code for a in answers)
-    assert codes == [201, 400], [a.text for a in answers]
-    refused = next(a for a in answers if a.status_code == 400).json()
+    assert codes == [201, 409], [a.text for a in answers]
+    refused = next(a for a in answers if a.status_code == 409).json()
     assert refused["field"] == "name" and "already has job" in refused["error"]
     assert len(client.get("/api/jobs").json()["jobs"]) == 1
 
