@@ -231,33 +231,28 @@ def color_aug(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # ---------------------------------------------------------------- one item, one step
 
 
-def _crop(img: Image.Image, item, rng: np.random.Generator | None, resampling: dict) -> Image.Image:
-    """The item's image cropped to its bucket; random where the options say so and `rng` is given."""
+def crop_plan(size: tuple[int, int], item, rng: np.random.Generator | None
+              ) -> tuple[tuple[int, int], tuple[int, int, int, int], str]:
+    """How the item's image of `size` becomes its bucket: (resize to, crop box, resampling name); random where the
+    options say so and `rng` is given, else the centre crop the latent cache uses."""
     from library.dataset import resize_plan
 
-    opts = item.augment
-    target = item.bucket_reso
+    opts, target = item.augment, item.bucket_reso
     if rng is not None and opts.fixed_resolution:
         face = face_box(item.image_path) if opts.face_crop_aug_range else None
-        if face is not None:
-            (nw, nh), (left, top) = face_crop_plan(img.size, target, face, opts.face_crop_aug_range,
-                                                   opts.random_crop, rng)
-            if (nw, nh) != img.size:  # upstream resizes with OpenCV's area filter here
-                img = img.resize((nw, nh), resampling[item.resize_interpolation or "area"])
-            return img.crop((left, top, left + target[0], top + target[1]))
+        if face is not None:  # upstream resizes with OpenCV's area filter here
+            scaled, (left, top) = face_crop_plan(size, target, face, opts.face_crop_aug_range, opts.random_crop, rng)
+            return scaled, (left, top, left + target[0], top + target[1]), item.resize_interpolation or "area"
         if opts.random_crop:
-            if img.size[0] < target[0] or img.size[1] < target[1]:  # ours: too small, scale up to cover first
-                scale = max(target[0] / img.size[0], target[1] / img.size[1])
-                size = (max(target[0], math.ceil(img.size[0] * scale)), max(target[1], math.ceil(img.size[1] * scale)))
-                img = img.resize(size, resampling[item.resize_interpolation or "lanczos"])
-            left, top = window_offsets(img.size, target, rng)
-            return img.crop((left, top, left + target[0], top + target[1]))
-    (rw, rh), (left, top, _, _) = resize_plan(item.original_size, target)
-    if img.size != (rw, rh):
-        img = img.resize((rw, rh), resampling[item.resize_interpolation or "lanczos"])
+            if size[0] < target[0] or size[1] < target[1]:  # ours: too small, scale up to cover first
+                scale = max(target[0] / size[0], target[1] / size[1])
+                size = (max(target[0], math.ceil(size[0] * scale)), max(target[1], math.ceil(size[1] * scale)))
+            left, top = window_offsets(size, target, rng)
+            return size, (left, top, left + target[0], top + target[1]), item.resize_interpolation or "lanczos"
+    resized, (left, top, _, _) = resize_plan(item.original_size, target)
     if rng is not None and opts.random_crop:
-        left, top = random_bucket_offsets((rw, rh), target, rng)
-    return img.crop((left, top, left + target[0], top + target[1]))
+        left, top = random_bucket_offsets(resized, target, rng)
+    return resized, (left, top, left + target[0], top + target[1]), item.resize_interpolation or "lanczos"
 
 
 def load_augmented(item, *, rng: np.random.Generator | None, flip: bool) -> tuple[torch.Tensor, np.ndarray | None]:
@@ -267,21 +262,26 @@ def load_augmented(item, *, rng: np.random.Generator | None, flip: bool) -> tupl
 
     try:
         with Image.open(item.image_path) as img:
-            img = _crop(img.convert("RGBA" if item.alpha_mask else "RGB"), item, rng, RESAMPLING)
+            # colour and alpha resized apart, as the latent cache does (PIL would premultiply an RGBA resize)
+            layers = [img.convert("RGB")] + ([img.convert("RGBA").getchannel("A")] if item.alpha_mask else [])
     except OSError as exc:
         raise DatasetError(f"cannot read image {item.image_path}: {exc}") from exc
-    pixels = np.array(img, dtype=np.uint8)
+    size, box, resampling = crop_plan(layers[0].size, item, rng)
+    layers = [(layer if layer.size == size else layer.resize(size, RESAMPLING[resampling])).crop(box)
+              for layer in layers]
+    pixels = np.array(layers[0], dtype=np.uint8)
     if rng is not None and item.augment.color_aug:
-        pixels[..., :3] = color_aug(pixels[..., :3], rng)
+        pixels = color_aug(pixels, rng)
     if flip:
         pixels = pixels[:, ::-1]
     mask = None
     if item.alpha_mask:  # no alpha channel in the file: RGBA conversion gives 255, a mask of ones (as upstream)
-        alpha = torch.from_numpy(pixels[..., 3].astype(np.float32) / 255.0)
+        alpha = np.array(layers[1], dtype=np.float32)
+        alpha = torch.from_numpy(np.ascontiguousarray(alpha[:, ::-1] if flip else alpha) / 255.0)
         height, width = alpha.shape
         mask = torch.nn.functional.interpolate(alpha[None, None], size=(height // 8, width // 8), mode="area")[0, 0]
         mask = mask.numpy()
-    image = torch.from_numpy(pixels[..., :3].astype(np.float32))
+    image = torch.from_numpy(pixels.astype(np.float32))
     return (image / 127.5 - 1.0).permute(2, 0, 1).contiguous(), mask
 
 
