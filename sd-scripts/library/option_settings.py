@@ -72,9 +72,9 @@ def dataset_fallbacks(ns: argparse.Namespace) -> dict:
                                 f"remove {cache_latents} (the images are then encoded every step) or --{name} "
                                 "(as upstream)")
     return {"face_crop_aug_range": face_range, **{name: getattr(ns, name) for name in (
-        "random_crop", "color_aug", "shuffle_caption", "caption_separator", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
-        "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "dataset_repeats",
-        "alpha_mask", "resize_interpolation")}}
+        "random_crop", "color_aug", "shuffle_caption", "caption_separator", "keep_tokens_separator",
+        "secondary_separator", "enable_wildcard", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+        "caption_tag_dropout_rate", "dataset_repeats", "alpha_mask", "resize_interpolation")}}
 
 
 def flow_options(ns: argparse.Namespace) -> dict:

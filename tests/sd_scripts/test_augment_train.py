@@ -15,7 +15,7 @@ STEPS = 4  # 4 images, batch 1: the interruption after step 2 lands mid-epoch
 
 def _augmented_args(models, toml, out, *extra):
     args = trainer_args(models, toml, out, "--max_train_steps", str(STEPS), "--random_crop", "--color_aug",
-                        "--flip_aug", "--save_every_n_steps", "1", "--save_state", "--save_last_n_steps_state", "1",
+                        "--flip_aug", "--save_every_n_steps", "2", "--save_state", "--save_last_n_steps_state", "1",
                         *extra)
     return [a for a in args if a != "--cache_latents_to_disk"]  # no latent cache: images encoded every step
 

@@ -151,3 +151,17 @@ def test_cache_flag_with_augmentation_is_refused_naming_both(tmp_path, caplog):
     face = load_dataset_config(_toml(tmp_path, image_dir, "face_crop_aug_range = [2.0, 4.0]"), cli={})
     ia.check_latent_cache(face, cache_flag="--cache_latents")  # upstream ignores it with a cache: a warning
     assert "face_crop_aug_range" in caplog.text and "--cache_latents" in caplog.text
+
+
+def test_face_named_image_is_scaled_and_cropped_around_the_face(tmp_path):
+    image_dir = tmp_path / "imgs"
+    image_dir.mkdir()
+    rgb = np.random.default_rng(4).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(image_dir / "face_40_30_20_20.png")
+    (bp,) = load_dataset_config(_toml(tmp_path, image_dir, "face_crop_aug_range = [2.0, 2.0]"), cli={})
+    ds = build_dataset([bp], seed=1)
+    ds.live_images = True
+    # scale: max(cover 0.533, 32 / (20 * 2) = 0.8) = 0.8 -> 64x48, face at (32, 24) -> window (16, 8) to (48, 40)
+    expected = Image.fromarray(rgb).resize((64, 48), Image.Resampling.BOX).crop((16, 8, 48, 40))
+    expected = torch.from_numpy(np.asarray(expected, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    assert torch.equal(ds[(0, 0, 0)]["image"], expected)
