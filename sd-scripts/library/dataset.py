@@ -180,6 +180,9 @@ def _subset_items(sub: SubsetBlueprint, bp: DatasetBlueprint, ds_index: int, buc
         pairs = [(path, _read_caption(path, sub.caption_extension, wildcard)) for path in images]
     items, missing = [], []
     for path, caption in pairs:
+        if caption is None and sub.augment.face_crop_aug_range and sub.metadata_file is None:
+            face_named = image_augment.face_caption_image(path)  # name_cx_cy_w_h.png -> name.caption
+            caption = face_named and _read_caption(face_named, sub.caption_extension, wildcard)
         if caption is None:
             if not sub.class_tokens:
                 missing.append(path)

@@ -110,6 +110,12 @@ def face_box(path: Path) -> tuple[int, int, int, int] | None:
     return (cx, cy, w, h) if cx > 0 and max(w, h) > 0 else None
 
 
+def face_caption_image(path: Path) -> Path | None:
+    """Upstream also looks for the caption of `name_cx_cy_w_h.png` under `name`: the path to ask for, or None."""
+    tokens = Path(path).stem.split("_")
+    return Path(path).with_name("_".join(tokens[:-4]) + Path(path).suffix) if len(tokens) >= 5 else None
+
+
 def random_bucket_offsets(resized: tuple[int, int], bucket: tuple[int, int], rng: np.random.Generator
                           ) -> tuple[int, int]:
     """(left, top) of the bucket inside the resized image: uniform over every position (width drawn first)."""

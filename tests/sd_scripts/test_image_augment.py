@@ -158,8 +158,10 @@ def test_face_named_image_is_scaled_and_cropped_around_the_face(tmp_path):
     image_dir.mkdir()
     rgb = np.random.default_rng(4).integers(0, 256, (60, 80, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(image_dir / "face_40_30_20_20.png")
+    (image_dir / "face.caption").write_text("a face", encoding="utf-8")  # upstream's caption name for it
     (bp,) = load_dataset_config(_toml(tmp_path, image_dir, "face_crop_aug_range = [2.0, 2.0]"), cli={})
     ds = build_dataset([bp], seed=1)
+    assert ds.items[0].caption == "a face"
     ds.live_images = True
     # scale: max(cover 0.533, 32 / (20 * 2) = 0.8) = 0.8 -> 64x48, face at (32, 24) -> window (16, 8) to (48, 40)
     expected = Image.fromarray(rgb).resize((64, 48), Image.Resampling.BOX).crop((16, 8, 48, 40))
