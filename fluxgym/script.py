@@ -59,8 +59,13 @@ def _model_args(req: TrainRequest) -> list[str]:
     return args
 
 
+# Advanced-panel flags that change the pixels every step: the trainer refuses them with a latent cache (as upstream)
+PER_STEP_IMAGE_FLAGS = ("--random_crop", "--color_aug")
+
+
 def _loader_args(req: TrainRequest) -> list[str]:
-    args = ["--cache_latents_to_disk", "--save_model_as", "safetensors", "--sdpa"]
+    cache = [] if any(flag in req.extra for flag in PER_STEP_IMAGE_FLAGS) else ["--cache_latents_to_disk"]
+    args = [*cache, "--save_model_as", "safetensors", "--sdpa"]
     # torch refuses persistent workers when there are none.
     if req.preset.persistent_workers and req.workers > 0:
         args.append("--persistent_data_loader_workers")

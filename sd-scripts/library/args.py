@@ -13,8 +13,6 @@ UNSUPPORTED_MESSAGE = "not supported by this trainer: {flag} ({reason})"
 
 _SD_ONLY = "SD1/SDXL only; FLUX does not use it"
 _SD_NOISE = "SD1/SDXL noise schedule option; FLUX flow matching does not use it"
-_PER_STEP_PIXELS = ("a per-step image augmentation: it needs the autoencoder every step, and this trainer always "
-                    "caches latents (upstream refuses it with --cache_latents too); use flip_aug")
 _DEEPSPEED = "DeepSpeed/ZeRO is not available here; for memory use --blocks_to_swap, --fp8_base or --full_bf16"
 _CONTROLNET = "ControlNet training, not LoRA; use upstream's flux_train_control_net.py"
 
@@ -33,8 +31,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--offload_param_nvme_path": _DEEPSPEED, "--zero3_init_flag": _DEEPSPEED, "--zero3_save_16bit_model": _DEEPSPEED,
     "--fp16_master_weights_and_gradients": _DEEPSPEED,
     "--fused_backward_pass": "full fine-tuning only (flux_train.py); upstream's LoRA path does not use it either",
-    # augmentations that change the pixels every step: they need the VAE per step, and latents are always cached here
-    "--random_crop": _PER_STEP_PIXELS, "--color_aug": _PER_STEP_PIXELS, "--face_crop_aug_range": _PER_STEP_PIXELS,
 }
 
 DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
@@ -84,6 +80,14 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--caption_prefix", type=str, default=None)
     group.add_argument("--caption_suffix", type=str, default=None)
     group.add_argument("--flip_aug", action="store_true")
+    # per-step augmentations (library.image_augment): without a latent cache flag the images are encoded every step
+    group.add_argument("--color_aug", action="store_true",
+                       help="random hue shift or gamma per step (needs no --cache_latents; images encoded per step)")
+    group.add_argument("--random_crop", action="store_true",
+                       help="random instead of centre crop per step (needs no --cache_latents)")
+    group.add_argument("--face_crop_aug_range", type=str, default=None,
+                       help="without buckets: crop around the face box in the file name (name_cx_cy_w_h.png), "
+                            "face size scaled into this range, e.g. 2.0,4.0")
     group.add_argument("--resolution", type=str, default=None, help="`512` or `512,768` (width,height)")
     group.add_argument("--cache_latents", action="store_true")
     group.add_argument("--cache_latents_to_disk", action="store_true")

@@ -4,7 +4,7 @@
 - Buckets: fixed resolution (cover + center crop) or aspect-ratio buckets, all sides multiples of 16.
 - `TrainDataset.batches_for_epoch(epoch)` depends only on (seed, epoch), so the trainer's sampler
   (`train_loop.ResumableBatchSampler`) resumes mid-epoch with nothing replayed; `__getitem__` reads
-  cached latents/TE outputs.
+  cached latents/TE outputs, or the augmented image when latents are encoded per step (library.image_augment).
 - `load_image_tensor` gives the resized/cropped image that latent caching encodes.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from library import captions, finetune_metadata
+from library import captions, finetune_metadata, image_augment
 from library.errors import BadFileError
 from library.dataset_config import IMAGE_EXTENSIONS, DatasetBlueprint, SubsetBlueprint
 from library.fault_injection import inject_point
@@ -52,6 +52,7 @@ class ImageItem:
     loss_weight: float = 1.0  # --prior_loss_weight for regularisation images
     alpha_mask: bool = False
     resize_interpolation: str | None = None
+    augment: image_augment.AugmentOptions = image_augment.AugmentOptions()
 
 
 def _name_list(paths: Sequence[Path]) -> str:
@@ -181,6 +182,9 @@ def _subset_items(sub: SubsetBlueprint, bp: DatasetBlueprint, ds_index: int, buc
         pairs = [(path, _read_caption(path, sub.caption_extension, wildcard)) for path in images]
     items, missing = [], []
     for path, caption in pairs:
+        if caption is None and sub.augment.face_crop_aug_range and sub.metadata_file is None:
+            face_named = image_augment.face_caption_image(path)  # name_cx_cy_w_h.png -> name.caption
+            caption = face_named and _read_caption(face_named, sub.caption_extension, wildcard)
         if caption is None:
             if not sub.class_tokens:
                 missing.append(path)
@@ -200,7 +204,8 @@ def _subset_items(sub: SubsetBlueprint, bp: DatasetBlueprint, ds_index: int, buc
             caption = captions.static_caption(caption, sub.caption_options)
         items.append(ImageItem(path, caption, bucket_for(size, bp, buckets), size, sub.flip_aug,
                                sub.num_repeats, ds_index, bp.batch_size, sub.caption_options, sub.is_reg,
-                               prior_loss_weight if sub.is_reg else 1.0, sub.alpha_mask, sub.resize_interpolation))
+                               prior_loss_weight if sub.is_reg else 1.0, sub.alpha_mask, sub.resize_interpolation,
+                               dataclasses.replace(sub.augment, fixed_resolution=not bp.enable_bucket)))
     if missing:
         raise DatasetError(
             f"no caption file ({sub.caption_extension}) and no class_tokens for {len(missing)} image(s) in "
@@ -286,6 +291,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.latent_cache = None
         self.te_cache = None
+        self.live_images = False  # True: no latent cache, __getitem__ gives the (augmented) image of this step
         self._groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(self.items):
             self._groups.setdefault((item.dataset_index, item.bucket_reso), []).append(index)
@@ -343,7 +349,7 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple) -> dict:
         inject_point("dataloader")
         epoch, index, *rest = key
-        if self.latent_cache is None:
+        if self.latent_cache is None and not self.live_images:
             raise RuntimeError("TrainDataset: latents are not cached; call caching.cache_latents and set_caches first")
         flipped = self.is_flipped(epoch, index)
         sample = {
@@ -351,8 +357,13 @@ class TrainDataset(torch.utils.data.Dataset):
             "caption": self.caption_for(epoch, index, rest[0] if rest else 0),
             "loss_weight": self.items[index].loss_weight,
             "flipped": flipped,
-            "latents": torch.from_numpy(np.asarray(self.latent_cache.latents_for(index, flipped), dtype=np.float32)),
         }
+        if self.live_images:  # validation (augment False) gets the plain centre crop
+            sample.update(image_augment.live_sample(self, epoch, index, rest[0] if rest else 0, flipped,
+                                                    augment=getattr(self, "augment", True)))
+        else:
+            sample["latents"] = torch.from_numpy(
+                np.asarray(self.latent_cache.latents_for(index, flipped), dtype=np.float32))
         alpha = getattr(self.latent_cache, "alpha_masks", {}).get(index)
         if alpha is not None:
             sample["alpha_mask"] = torch.from_numpy(np.ascontiguousarray(alpha[:, ::-1] if flipped else alpha))
@@ -364,8 +375,9 @@ class TrainDataset(torch.utils.data.Dataset):
 
 def collate(samples: Sequence[dict]) -> dict:
     """Stack one bucket's samples: latents [B,16,h,w] f32, captions, and the TE outputs when cached."""
+    pixels = "image" in samples[0]  # per-step augmentation: the training step encodes the images
     batch = {
-        "latents": torch.stack([s["latents"] for s in samples]),
+        "images" if pixels else "latents": torch.stack([s["image" if pixels else "latents"] for s in samples]),
         "captions": [s["caption"] for s in samples],
         "indices": [s["index"] for s in samples],
         "flipped": [s["flipped"] for s in samples],

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from library.captions import CaptionOptions
 from library.errors import BadFileError
+from library.image_augment import AugmentOptions, parse_face_crop_range
 
 try:
     import tomllib
@@ -53,6 +54,7 @@ class SubsetBlueprint:
     resize_interpolation: str | None = None  # PIL resampling name; None: lanczos
     metadata_file: Path | None = None  # --in_json / metadata_file: the image list and captions come from this JSON
     images: tuple[tuple[Path, str], ...] | None = None  # --dataset_class: (image, caption) pairs, no folder scan
+    augment: AugmentOptions = AugmentOptions()  # random_crop, color_aug, face_crop_aug_range
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,9 @@ SUBSET_KEYS: dict[str, tuple[str, Any]] = {
     "caption_dropout_every_n_epochs": ("nonneg_int", 0),
     "caption_tag_dropout_rate": ("rate", 0.0),
     "resize_interpolation": ("interpolation", None),
+    "random_crop": ("bool", False),
+    "color_aug": ("bool", False),
+    "face_crop_aug_range": ("face_range", None),
 }
 SUBSET_ONLY_KEYS: dict[str, tuple[str, Any]] = {"image_dir": ("str", None), "is_reg": ("bool", False),
                                                 "alpha_mask": ("bool", False), "metadata_file": ("str", None)}
@@ -115,9 +120,6 @@ UNSUPPORTED_DATASET_KEYS = {
 UNSUPPORTED_SUBSET_KEYS = {
     "token_warmup_min": 1,
     "token_warmup_step": 0,
-    "color_aug": False,
-    "random_crop": False,
-    "face_crop_aug_range": None,
 }
 UNSUPPORTED_SUBSET_ONLY_KEYS = {
     "conditioning_data_dir": None,
@@ -181,6 +183,11 @@ def _check_value(key: str, value: Any, kind: str, where: str) -> Any:
         if not ok:
             raise DatasetConfigError(f"{key} in {where} must be a number from 0 to below 1, got {value!r}")
         return float(value)
+    if kind == "face_range":
+        try:
+            return parse_face_crop_range(value)
+        except ValueError as exc:
+            raise DatasetConfigError(f"{key} in {where} {exc}") from None
     if kind == "rate":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
         if not ok:
@@ -281,6 +288,8 @@ def _build_subset(lookup: _Lookup, image_dir: Any, where: str, *, scan_dir: bool
         raise DatasetConfigError(f"caption_separator in {where} must not be empty")
     extras = {key: lookup.get(key, *SUBSET_ONLY_KEYS[key])[0] for key in ("is_reg", "alpha_mask")}
     extras["resize_interpolation"] = lookup.get("resize_interpolation", *SUBSET_KEYS["resize_interpolation"])[0]
+    extras["augment"] = AugmentOptions(**{key: lookup.get(key, *SUBSET_KEYS[key])[0]
+                                          for key in ("random_crop", "color_aug", "face_crop_aug_range")})
     folder = _check_image_dir(image_dir, where) if scan_dir else Path(image_dir)
     return SubsetBlueprint(image_dir=folder, source=where,
                            caption_options=CaptionOptions(**options), **extras, **values)

@@ -155,6 +155,12 @@ def option_metadata(settings, items=()) -> dict[str, str]:
             "resize_interpolation", "min_timestep", "max_timestep")
     meta = {f"ss_{key}": _str(raw.get(key)) for key in keys if key in raw}
     meta["ss_huber_schedule"] = getattr(flow, "huber_schedule", "constant")
+    fallbacks = settings.data.cli_fallbacks  # the flags' values, as upstream writes args.* (tuple as str)
+    meta["ss_face_crop_aug_range"] = _str(fallbacks.get("face_crop_aug_range"))
+    for key in ("color_aug", "flip_aug", "random_crop"):
+        meta[f"ss_{key}"] = str(bool(fallbacks.get(key)))
+    if settings.data.latent_cache_flag is None and any(item.augment.per_step for item in items):
+        meta["ss_cache_latents"] = "False"  # per-step augmentation: encoded every step (library.image_augment)
     meta["ss_num_reg_images"] = str(sum(1 for item in items if getattr(item, "is_reg", False)))
     if raw.get("dataset_class"):  # our key: upstream records no dataset class
         meta["fluxtrain_dataset_class"] = str(raw["dataset_class"])
@@ -196,4 +202,5 @@ def subset_options(sub) -> dict:
     return {"shuffle_caption": opts.shuffle_caption, "keep_tokens": opts.keep_tokens,
             "keep_tokens_separator": opts.keep_tokens_separator, "secondary_separator": opts.secondary_separator,
             "enable_wildcard": opts.enable_wildcard, "is_reg": sub.is_reg, "alpha_mask": sub.alpha_mask,
-            "resize_interpolation": sub.resize_interpolation}
+            "resize_interpolation": sub.resize_interpolation, "color_aug": sub.augment.color_aug,
+            "flip_aug": sub.flip_aug, "random_crop": sub.augment.random_crop}

@@ -65,10 +65,25 @@ def dataset_fallbacks(ns: argparse.Namespace) -> dict:
                               else "--cache_text_encoder_outputs")
                 raise SettingsError(f"--{name} changes the caption every step, but {cache_flag} encodes each caption "
                                     f"once: remove one of them (as upstream)")
-    return {name: getattr(ns, name) for name in (
-        "shuffle_caption", "caption_separator", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
-        "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "dataset_repeats",
-        "alpha_mask", "resize_interpolation")}
+    face_range = None
+    if ns.face_crop_aug_range is not None:
+        from library.image_augment import parse_face_crop_range
+
+        try:
+            face_range = parse_face_crop_range(ns.face_crop_aug_range)
+        except ValueError as exc:
+            raise SettingsError(f"--face_crop_aug_range: {exc}") from None
+    cache_latents = ("--cache_latents_to_disk" if ns.cache_latents_to_disk
+                     else "--cache_latents" if ns.cache_latents else None)
+    for name in ("random_crop", "color_aug"):
+        if getattr(ns, name) and cache_latents:
+            raise SettingsError(f"--{name} changes the image every step, but {cache_latents} encodes each image once: "
+                                f"remove {cache_latents} (the images are then encoded every step) or --{name} "
+                                "(as upstream)")
+    return {"face_crop_aug_range": face_range, **{name: getattr(ns, name) for name in (
+        "random_crop", "color_aug", "shuffle_caption", "caption_separator", "keep_tokens_separator",
+        "secondary_separator", "enable_wildcard", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+        "caption_tag_dropout_rate", "dataset_repeats", "alpha_mask", "resize_interpolation")}}
 
 
 def flow_options(ns: argparse.Namespace) -> dict:

@@ -186,7 +186,7 @@ def _check_diffusers_folder(folder: Path, flag: str, what: str, subfolder: str |
 
 def load_blueprints(settings: TrainSettings) -> list:
     """The dataset config parsed and checked (image folders exist and hold images); the trainer builds from it."""
-    from library import dataset_config
+    from library import dataset_config, image_augment
 
     data = settings.data
     if data.dataset_class:  # the user's class lists the items (library.dataset_class); it gets the parsed flags
@@ -210,6 +210,7 @@ def load_blueprints(settings: TrainSettings) -> list:
                                                                    in_json=data.in_json)
     dataset_config.check_text_encoder_cache(blueprints, data)
     dataset_config.check_masked_loss(blueprints, settings.regularisation.masked_loss)
+    image_augment.check_latent_cache(blueprints, cache_flag=data.latent_cache_flag)
     return blueprints
 
 

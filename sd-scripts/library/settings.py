@@ -56,6 +56,14 @@ class DataSettings:
     prior_loss_weight: float = 1.0  # loss weight of regularisation images
     in_json: str | None = None  # upstream's fine-tuning metadata file, with train_data_dir
     dataset_class: str | None = None  # package.module.ClassName giving the items (library.dataset_class)
+    cache_latents: bool = False  # --cache_latents given (latents are cached in memory anyway, unless augmented)
+
+    @property
+    def latent_cache_flag(self) -> str | None:
+        """The latent cache flag the user gave, for messages (library.image_augment)."""
+        if self.cache_latents_to_disk:
+            return "--cache_latents_to_disk"
+        return "--cache_latents" if self.cache_latents else None
 
 
 @dataclass(frozen=True)
@@ -380,7 +388,7 @@ def _data(ns: argparse.Namespace) -> DataSettings:
         vae_batch_size=max(1, ns.vae_batch_size), text_encoder_batch_size=ns.text_encoder_batch_size,
         num_workers=max(0, ns.max_data_loader_n_workers), persistent_workers=ns.persistent_data_loader_workers,
         reg_data_dir=ns.reg_data_dir, prior_loss_weight=ns.prior_loss_weight, in_json=ns.in_json,
-        dataset_class=ns.dataset_class)
+        dataset_class=ns.dataset_class, cache_latents=ns.cache_latents)
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion")

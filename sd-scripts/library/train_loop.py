@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from library.dataset import collate
-from library import console_markers, run_stats
+from library import console_markers, image_augment, run_stats
 from library.fault_injection import inject_point
 from library.flow_matching import apply_prediction_type, flow_loss, huber_threshold, sample_noised, training_noise
 from library import run_stop
@@ -116,8 +116,8 @@ def training_step(session: TrainSession, control: RunControl, batch: dict) -> fl
     inject_point("step", step=session.pos.step + 1, blocks_to_swap=session.settings.run.blocks_to_swap)
     s, device, dtype = session.settings, session.device, session.weight_dtype
     opt, accelerator = session.opt, session.accelerator
-    latents = batch["latents"].to(device, dtype)
     step_seed = s.run.seed * STEP_SEED_STRIDE + session.pos.step + session.rank * 7919
+    latents = image_augment.batch_latents(session, batch, step_seed)  # per-step augmentation: encoded here
     generator = torch.Generator().manual_seed(step_seed)
     noise = training_noise(latents.shape, s.flow, generator, latents).to(device, dtype)
     noised = sample_noised(latents, noise, s.flow, generator)

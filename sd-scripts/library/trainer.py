@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from library import console_markers, continuation, hub_sync, metadata, precision, regularisation, run_stop, validation
+from library import (console_markers, continuation, hub_sync, image_augment, metadata, precision, regularisation,
+                     run_stop, validation)
 from library.checkpointer import Checkpointer
 from library.heartbeat import Heartbeat
 from library.hang_guards import HangGuards
@@ -202,6 +203,12 @@ class FluxLoRATrainer:
         from library import caching, flux_loading
 
         session, models = self.session, self.session.models
+        if image_augment.needs_live_images(session.data.dataset.items, cache_flag=self.s.data.latent_cache_flag):
+            # random_crop/color_aug/face crop: the AE stays on the device and encodes each batch in the step
+            print("per-step image augmentation: images are encoded every step (no latent cache)", flush=True)
+            models.ae.to(session.device)
+            session.data.dataset.live_images = True
+            return
         self.control.set_phase("caching_latents", "encoding images with the autoencoder")
         models.ae.to(session.device)
         generator = torch.Generator().manual_seed(self.s.run.seed)

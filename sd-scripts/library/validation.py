@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from library import image_augment
 from library.dataset import ImageItem, TrainDataset, collate
 from library.settings import ValidationSettings
 
@@ -161,6 +162,7 @@ class Validator:
         started = time.perf_counter()
         train_ds = session.data.dataset
         self.dataset.set_caches(train_ds.latent_cache, train_ds.te_cache)
+        self.dataset.live_images = train_ds.live_images  # per-step augmentation: images encoded here, unaugmented
         network = session.accelerator.unwrap_model(session.opt.network)
         network.eval()  # LoRA dropout off
         generator = torch.Generator().manual_seed(self.s.seed)
@@ -168,7 +170,7 @@ class Validator:
         with torch.no_grad():
             for keys in self.batches:
                 batch = collate([self.dataset[key] for key in keys])
-                latents = batch["latents"].to(session.device, session.weight_dtype)
+                latents = image_augment.batch_latents(session, batch, self.s.seed)
                 for timestep in self.timesteps:
                     noise = torch.randn(latents.shape, generator=generator).to(session.device, session.weight_dtype)
                     noised = noised_at(latents, noise, timestep / NUM_TRAIN_TIMESTEPS)

@@ -68,3 +68,10 @@ def test_no_checkpointing_and_no_sampling(root):
     _, res = setup_lora(root, checkpointing=False)
     assert "--save_state" not in res.argv and "--sample_prompts" not in res.argv
     assert "--save_state" not in res.files["train.sh"].read_text().split("\nROOT=")[1]
+
+
+def test_per_step_augmentation_from_the_advanced_panel_drops_the_latent_cache(root):
+    _, plain = setup_lora(root)
+    assert "--cache_latents_to_disk" in plain.argv
+    _, res = setup_lora(root, extra=("--color_aug",))
+    assert "--color_aug" in res.argv and "--cache_latents_to_disk" not in res.argv  # else the trainer exits 2

@@ -72,7 +72,7 @@ def test_extra_flags_from_the_issue_parse(tmp_path):
 
 @pytest.mark.parametrize("flag, reason", [("--v2", "SD1/SDXL only"), ("--min_snr_gamma", "SD1/SDXL noise"),
                                           ("--deepspeed", "DeepSpeed/ZeRO"),
-                                          ("--color_aug", "per-step image augmentation")])
+                                          ("--token_warmup_step", "token warmup")])
 def test_unsupported_upstream_flag_exits_2_naming_it_and_why(flag, reason, capsys):
     with pytest.raises(SystemExit) as exc:
         flux_train_network.setup_parser().parse_args(COMMON + [flag, "1"])

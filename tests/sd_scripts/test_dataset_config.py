@@ -133,8 +133,8 @@ ERROR_CASES = {
     "unknown_subset": ({"subset": {"num_repeat": 3}}, {}, "num_repeat"),
     "shuffle_caption_not_bool": ({"general": {"shuffle_caption": "yes"}}, {}, "shuffle_caption"),
     "caption_dropout_above_1": ({"subset": {"caption_dropout_rate": 1.5}}, {}, "caption_dropout_rate"),
-    "color_aug": ({"dataset": {"color_aug": True}}, {}, "color_aug"),
-    "random_crop": ({"subset": {"random_crop": True}}, {}, "random_crop"),
+    "color_aug_not_bool": ({"dataset": {"color_aug": "yes"}}, {}, "color_aug"),
+    "face_crop_range_reversed": ({"subset": {"face_crop_aug_range": [4.0, 2.0]}}, {}, "face_crop_aug_range"),
     "token_warmup": ({"general": {"token_warmup_step": 5}}, {}, "token_warmup_step"),
     "metadata_file_missing": ({"subset": {"metadata_file": "no-such-meta.json"}}, {}, "metadata_file"),
     "validation_split_1": ({"dataset": {"validation_split": 1.0}}, {}, "validation_split"),
@@ -169,10 +169,10 @@ def test_every_error_names_key_and_file(tmp_path, img_dir, case):
 
 
 def test_unsupported_message_wording(tmp_path, img_dir):
-    config = {"general": {"color_aug": True}, "datasets": [{"resolution": 64, "subsets": [
+    config = {"general": {"token_warmup_step": 5}, "datasets": [{"resolution": 64, "subsets": [
         {"image_dir": str(img_dir)}]}]}
     path = _toml(tmp_path, config)
-    expected = r"color_aug in \[general\] in .* is not supported by this trainer"
+    expected = r"token_warmup_step in \[general\] in .* is not supported by this trainer"
     with pytest.raises(DatasetConfigError, match=expected):
         load_dataset_config(path, cli={})
 
@@ -212,8 +212,8 @@ def test_structure_errors(tmp_path, img_dir):
 
 def test_cli_unsupported_flag_is_named(tmp_path, img_dir):
     path = _toml(tmp_path, {"datasets": [{"resolution": 64, "subsets": [{"image_dir": str(img_dir)}]}]})
-    with pytest.raises(DatasetConfigError, match="--color_aug"):
-        load_dataset_config(path, cli={"color_aug": True})
+    with pytest.raises(DatasetConfigError, match="--token_warmup_step"):
+        load_dataset_config(path, cli={"token_warmup_step": 5})
 
 
 def test_resolution_rounded_to_multiple_of_16_with_warning(tmp_path, img_dir, caplog):
