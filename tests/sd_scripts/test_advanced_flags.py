@@ -253,7 +253,7 @@ def test_refused_flags_all_give_a_reason():
 
     parser = flux_train_network.setup_parser()
     refused = [a for a in parser._actions if isinstance(a, args.UnsupportedFlag)]
-    assert len(refused) == len(args.UNSUPPORTED_FLAGS) == 32  # 106 before issue 14
+    assert len(refused) == len(args.UNSUPPORTED_FLAGS) == 31  # 106 before issue 14
     assert all(a.reason for a in refused)
     assert "SD1/SDXL only" in args.UNSUPPORTED_FLAGS["--clip_skip"]
 
