@@ -14,8 +14,8 @@ import flux_train_network
 from library.fused_backward import FusedBackward, check_fused_backward
 from library.settings import SettingsError, settings_from_args
 
-BASE = ["--pretrained_model_name_or_path", "/m/f.sft", "--clip_l", "/m/c.sft", "--t5xxl", "/m/t.sft", "--ae", "/m/a.sft",
-        "--dataset_config", "d.toml", "--seed", "1"]
+BASE = ["--pretrained_model_name_or_path", "/m/f.sft", "--clip_l", "/m/c.sft", "--t5xxl", "/m/t.sft",
+        "--ae", "/m/a.sft", "--dataset_config", "d.toml", "--seed", "1"]
 
 
 def small_model(seed: int = 0) -> torch.nn.Module:
@@ -175,7 +175,8 @@ def test_fused_run_interrupted_and_resumed_equals_an_ordinary_run(tiny_models, t
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
     assert [line.split(",")[0] for line in losses.read_text().splitlines()] == ["1", "2", "3", "4"]
-    plain, chain = load_file(str(tmp_path / "plain" / "tiny.safetensors")), load_file(str(tmp_path / "fused" / "tiny.safetensors"))
+    plain = load_file(str(tmp_path / "plain" / "tiny.safetensors"))
+    chain = load_file(str(tmp_path / "fused" / "tiny.safetensors"))
     assert plain.keys() == chain.keys()
     initial = load_file(str(tmp_path / "fused" / "tiny-step00000001.safetensors"))
     assert any(not torch.equal(chain[k], initial[k]) for k in chain)  # the fused steps did train
