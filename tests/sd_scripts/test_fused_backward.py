@@ -152,7 +152,7 @@ def test_refused_optimizer_exits_2_naming_both_flags(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
-def test_fused_run_interrupted_and_resumed_equals_an_ordinary_run(tiny_models, tmp_path):
+def test_fused_run_interrupted_and_resumed_equals_an_ordinary_run(tiny_models, tmp_path, monkeypatch, capsys):
     """AdamW, --max_grad_norm 0: per-parameter steps in backward (with gradient checkpointing and block swap)
     through a kill after step 2 and --resume auto end bit-identical to an ordinary uninterrupted run."""
     from safetensors.torch import load_file
@@ -171,9 +171,10 @@ def test_fused_run_interrupted_and_resumed_equals_an_ordinary_run(tiny_models, t
     first = run_trainer(fused, env={"FLUXTRAIN_EXIT_AFTER_STEP": "2", "FLUXTRAIN_LOSS_LOG": str(losses)})
     assert first.returncode == 75, first.stderr[-3000:]
     assert "fused backward pass: 76 LoRA tensors" in first.stdout
-    second = run_trainer(fused + ["--resume", "auto"], env={"FLUXTRAIN_LOSS_LOG": str(losses)})
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout
+    monkeypatch.setenv("FLUXTRAIN_LOSS_LOG", str(losses))
+    capsys.readouterr()
+    assert run_trainer_in_process(fused + ["--resume", "auto"]) == 0  # in this process: no second start-up
+    assert "resumed from" in capsys.readouterr().out
     assert [line.split(",")[0] for line in losses.read_text().splitlines()] == ["1", "2", "3", "4"]
     plain = load_file(str(tmp_path / "plain" / "tiny.safetensors"))
     chain = load_file(str(tmp_path / "fused" / "tiny.safetensors"))
