@@ -6,7 +6,9 @@ One trainer (same model, data, LoRA and optimizer) serves every variant. Prints 
   ours / bare        the whole per-step path (data, guards, heartbeat, progress bar) vs forward+loss+backward+step
   hardened / plain   our loop with every hang guard on vs all of them off (target <= 1.02)
   logged / ours      our loop with TensorBoard logging (--logging_dir) vs without: the per-step logging cost
-plus the time of one validation pass (--validation_split 0.25: 2 held-out images x 4 timesteps), the startup
+  fused / ours       our loop with --fused_backward_pass vs without
+plus the peak LoRA-gradient memory of one step with --fused_backward_pass vs without (fused / unfused), the
+time of one validation pass (--validation_split 0.25: 2 held-out images x 4 timesteps), the startup
 time to the first finished step and the peak RSS. Rounds interleave the variants so a machine that gets
 busier affects all of them alike; medians are reported.
 """
@@ -160,6 +162,50 @@ def time_bare(trainer, steps: int) -> float:
     return (time.perf_counter() - started) / steps
 
 
+@contextlib.contextmanager
+def fused_on(trainer):
+    """The same trainer with --fused_backward_pass hooks (max_grad_norm as configured); removed on exit."""
+    from library.fused_backward import FusedBackward
+
+    opt = trainer.session.opt
+    opt.fused = FusedBackward(opt.optimizer, opt.trainable_params,
+                              max_grad_norm=trainer.session.settings.optimizer.max_grad_norm)
+    try:
+        yield trainer
+    finally:
+        opt.fused.remove()
+        opt.fused = None
+
+
+def peak_grad_bytes(trainer, fused: bool) -> int:
+    """Peak bytes of LoRA gradients alive at once during one real training step, ordinary or with
+    --fused_backward_pass (library.fused_backward frees each one right after its own step)."""
+    from library.dataset import collate
+    from library.fused_backward import FusedBackward
+    from library.train_loop import training_step
+
+    session = trainer.session
+    opt, ds = session.opt, session.data.dataset
+    peak = [0]
+
+    def probe(_param):
+        peak[0] = max(peak[0], sum(p.grad.nbytes for p in opt.trainable_params if p.grad is not None))
+
+    # registered before the fused hooks, so each probe runs while its own gradient still exists
+    handles = [p.register_post_accumulate_grad_hook(probe) for p in opt.trainable_params]
+    if fused:
+        opt.fused = FusedBackward(opt.optimizer, opt.trainable_params, max_grad_norm=0.0)
+    try:
+        training_step(session, trainer.control, collate([ds[key] for key in ds.batches_for_epoch(0)[0]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+        if opt.fused is not None:
+            opt.fused.remove()
+            opt.fused = None
+    return peak[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", choices=["tiny", "real"], default="tiny")
@@ -176,13 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         time_ours(trainer, 1)
         startup = time.monotonic() - T_START
         time_bare(trainer, 2)  # warm-up
-        results = {"bare": [], "ours": [], "plain": [], "logged": [], "validation_pass": [], "log_call": []}
+        grad_bytes = {"unfused": peak_grad_bytes(trainer, False), "fused": peak_grad_bytes(trainer, True)}
+        results = {"bare": [], "ours": [], "plain": [], "logged": [], "fused": [], "validation_pass": [],
+                   "log_call": []}
         contexts = {"ours": contextlib.nullcontext, "plain": lambda: guards_off(trainer),
-                    "logged": lambda: logging_on(trainer, tracker)}
+                    "logged": lambda: logging_on(trainer, tracker), "fused": lambda: fused_on(trainer)}
         for round_no in range(args.rounds):
             results["bare"].append(time_bare(trainer, args.steps))
             # Whichever loop variant runs first in a round measured 1-3 % slower here, so the order rotates.
-            order = list(contexts)[round_no % 3:] + list(contexts)[:round_no % 3]
+            shift = round_no % len(contexts)
+            order = list(contexts)[shift:] + list(contexts)[:shift]
             for variant in order:
                 with contexts[variant]():
                     results[variant].append(time_ours(trainer, args.steps))
@@ -201,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         "validation_batches_per_pass": len(validator.batches),
         "startup_to_first_step_s": startup,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "fused_step_s": med["fused"], "ratio_fused_vs_ours": med["fused"] / med["ours"],
+        "peak_grad_bytes_unfused": grad_bytes["unfused"], "peak_grad_bytes_fused": grad_bytes["fused"],
+        "ratio_grad_memory_fused_vs_unfused": grad_bytes["fused"] / grad_bytes["unfused"],
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -214,11 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ours, TensorBoard on   {med['logged'] * 1000:8.2f} ms/step   logging cost "
               f"{report['logging_cost_per_step_s'] * 1000:+.2f} ms/step (loop difference); one log_step call "
               f"{med['log_call'] * 1e6:.0f} us")
+        print(f"  ours, fused backward   {med['fused'] * 1000:8.2f} ms/step   fused/ours "
+              f"{report['ratio_fused_vs_ours']:.3f} (one optimizer call per LoRA tensor)")
         print(f"  one validation pass    {med['validation_pass'] * 1000:8.2f} ms   "
               f"= {report['validation_pass_in_steps']:.2f} training steps ({report['validation_batches_per_pass']} "
               "batches x 4 timesteps; validating every N steps adds pass/N per step)")
         print(f"  startup to first step  {startup:8.2f} s")
         print(f"  peak RSS               {report['peak_rss_mb']:8.0f} MB")
+        print(f"  peak LoRA gradients    {grad_bytes['unfused'] / 1024:8.1f} KiB ordinary, "
+              f"{grad_bytes['fused'] / 1024:.1f} KiB with --fused_backward_pass (ratio "
+              f"{report['ratio_grad_memory_fused_vs_unfused']:.3f})")
     return 0
 
 

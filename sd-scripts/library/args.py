@@ -30,7 +30,6 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "--offload_optimizer_nvme_path": _DEEPSPEED, "--offload_param_device": _DEEPSPEED,
     "--offload_param_nvme_path": _DEEPSPEED, "--zero3_init_flag": _DEEPSPEED, "--zero3_save_16bit_model": _DEEPSPEED,
     "--fp16_master_weights_and_gradients": _DEEPSPEED,
-    "--fused_backward_pass": "full fine-tuning only (flux_train.py); upstream's LoRA path does not use it either",
 }
 
 DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
@@ -154,9 +153,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimizer")
-    group.add_argument("--optimizer_type", type=str, default="", help="AdamW (default), AdamW8bit, Adafactor")
+    group.add_argument("--optimizer_type", type=str, default="", help="AdamW (default), AdamW8bit, Adafactor, Lion")
     group.add_argument("--learning_rate", type=float, default=2.0e-6)
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    group.add_argument("--fused_backward_pass", action="store_true",
+                       help="step each LoRA tensor during backward and free its gradient (less gradient memory); "
+                            "--max_grad_norm then clips each tensor alone; per-parameter optimizers only")
     group.add_argument("--optimizer_args", type=str, default=None, nargs="*", help="key=value ...")
     group.add_argument("--lr_scheduler", type=str, default="constant")
     group.add_argument("--lr_warmup_steps", type=_float_or_int, default=0, help="steps, or a ratio of total steps")

@@ -98,6 +98,7 @@ class OptimizerSettings:
     scheduler_args: dict = field(default_factory=dict)
     timescale: int | None = None
     min_lr_ratio: float | None = None
+    fused_backward_pass: bool = False  # library.fused_backward: per-parameter steps from gradient hooks
 
 
 @dataclass(frozen=True)
@@ -404,7 +405,7 @@ def _check_optimizer(ns: argparse.Namespace) -> None:
     kind = (ns.optimizer_type or "adamw").lower()
     if kind not in OPTIMIZERS and "." not in kind:
         raise SettingsError(f"--optimizer_type {ns.optimizer_type}: not supported by this trainer "
-                            "(use AdamW, AdamW8bit, Adafactor or a dotted class path)")
+                            "(use AdamW, AdamW8bit, Adafactor, Lion or a dotted class path)")
     if ns.lr_scheduler not in SCHEDULERS:
         raise SettingsError(f"--lr_scheduler {ns.lr_scheduler}: not supported by this trainer "
                             f"(use one of {', '.join(SCHEDULERS)})")
@@ -415,7 +416,11 @@ def _check_optimizer(ns: argparse.Namespace) -> None:
             import lion_pytorch  # noqa: F401
         except ImportError as exc:
             raise SettingsError("--optimizer_type Lion / --use_lion_optimizer needs the lion-pytorch package "
-                                "(pip install lion-pytorch)") from exc
+                                "(pip install -r requirements.txt)") from exc
+    if ns.fused_backward_pass:
+        from library.fused_backward import check_fused_backward
+
+        check_fused_backward(ns.optimizer_type or "AdamW", ns.mixed_precision)
 
 
 def _check_network_args(args: dict) -> None:
@@ -435,7 +440,8 @@ def _optimizer(ns: argparse.Namespace) -> OptimizerSettings:
         warmup_steps=ns.lr_warmup_steps, decay_steps=ns.lr_decay_steps, num_cycles=ns.lr_scheduler_num_cycles,
         power=ns.lr_scheduler_power, max_grad_norm=ns.max_grad_norm, scheduler_type=ns.lr_scheduler_type or "",
         scheduler_args=parse_key_values(ns.lr_scheduler_args, "--lr_scheduler_args", literal=True),
-        timescale=ns.lr_scheduler_timescale, min_lr_ratio=ns.lr_scheduler_min_lr_ratio)
+        timescale=ns.lr_scheduler_timescale, min_lr_ratio=ns.lr_scheduler_min_lr_ratio,
+        fused_backward_pass=ns.fused_backward_pass)
 
 
 def _save(ns: argparse.Namespace) -> SaveSettings:

@@ -125,10 +125,13 @@ def training_step(session: TrainSession, control: RunControl, batch: dict) -> fl
     with step_rng(step_seed, device, enabled=opt.network_drops):
         loss = flow_matching_loss(session, batch, latents, noise, noised)
         accelerator.backward(loss)
-    sync_gradients(session, control)
-    if s.optimizer.max_grad_norm:
-        accelerator.clip_grad_norm_(opt.trainable_params, s.optimizer.max_grad_norm)
-    opt.optimizer.step()
+    if opt.fused is not None:  # --fused_backward_pass: each tensor was clipped and stepped during backward
+        opt.fused.end_step()
+    else:
+        sync_gradients(session, control)
+        if s.optimizer.max_grad_norm:
+            accelerator.clip_grad_norm_(opt.trainable_params, s.optimizer.max_grad_norm)
+        opt.optimizer.step()
     opt.lr_scheduler.step()
     opt.optimizer.zero_grad(set_to_none=True)
     tracker = control.tracker

@@ -74,6 +74,7 @@ class Optimization:
     optimizer_name: str
     base_metadata: dict
     network_drops: bool = False  # rank/module/neuron dropout: steps seed the global RNG (exact resume)
+    fused: Any = None  # library.fused_backward.FusedBackward with --fused_backward_pass: steps run in backward
 
 
 @dataclasses.dataclass

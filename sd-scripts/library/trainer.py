@@ -350,7 +350,7 @@ class FluxLoRATrainer:
                         "each block's weights alive until backward")
 
     def create_optimizer(self) -> None:
-        from library import optim
+        from library import fused_backward, optim
 
         print("prepare optimizer, data loader etc.")
         session, opt, data = self.session, self.s.optimizer, self.session.data
@@ -362,6 +362,7 @@ class FluxLoRATrainer:
         lr_scheduler = optim.create_scheduler(opt, optimizer, data.max_train_steps, session.world)
         network, optimizer, lr_scheduler = session.accelerator.prepare(network, optimizer, lr_scheduler)
         trainable = [p for p in session.accelerator.unwrap_model(network).parameters() if p.requires_grad]
+        fused = fused_backward.install(session, optimizer, trainable)  # None without --fused_backward_pass
         base_metadata = metadata.build_training_metadata(
             self.s, optimizer_name=optimizer_name, num_train_images=data.dataset.num_train_images,
             num_batches_per_epoch=data.batches_per_epoch, num_epochs=data.num_epochs,
@@ -370,7 +371,8 @@ class FluxLoRATrainer:
             legacy_model_hash=session.models.hasher.legacy)
         session.opt = Optimization(network=network, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                    trainable_params=trainable, optimizer_name=optimizer_name,
-                                   base_metadata=base_metadata, network_drops=session.opt.network_drops)
+                                   base_metadata=base_metadata, network_drops=session.opt.network_drops,
+                                   fused=fused)
 
     def describe_datasets(self) -> list[dict]:
         result = []

@@ -253,7 +253,7 @@ def test_refused_flags_all_give_a_reason():
 
     parser = flux_train_network.setup_parser()
     refused = [a for a in parser._actions if isinstance(a, args.UnsupportedFlag)]
-    assert len(refused) == len(args.UNSUPPORTED_FLAGS) == 25  # 106 before issue 14; 32 before round 2
+    assert len(refused) == len(args.UNSUPPORTED_FLAGS) == 24  # 106 before issue 14; 32 before this round
     assert all(a.reason for a in refused)
     assert "SD1/SDXL only" in args.UNSUPPORTED_FLAGS["--clip_skip"]
 
