@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build the embedded demo: tiny models, dataset, outputs/demo/train.sh")
     _add_common(d, name=False)
     d.add_argument("--force", action="store_true", help="rebuild the tiny models even if present")
+    d.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="trainer flags written into outputs/demo/train.sh (must come last; run `demo` again "
+                        "without it to get the plain demo back)")
     add_job_parsers(sub, _add_common, _add_generate_options)
     # `ui` has its own parser (fluxgym.webui.server); listed here so --help shows it.
     sub.add_parser("ui", help="web UI + JSON API (python -m fluxgym ui --help)", add_help=False)
@@ -246,7 +249,7 @@ def _cmd_models(a, root: Path) -> int:
 def _cmd_demo(a, root: Path) -> int:
     from fluxgym.demo import build_demo
 
-    script = build_demo(root, force=a.force)
+    script = build_demo(root, force=a.force, extra=tuple(a.extra))
     print(f"demo ready: bash {script}")
     return EXIT_OK
 

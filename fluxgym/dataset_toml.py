@@ -11,10 +11,13 @@ from pathlib import Path
 import tomli_w
 
 
-def dataset_config(image_dir: Path, *, resolution: int, trigger: str, repeats: int) -> dict:
-    """The dataset config as data: same sections and keys as FluxGym's gen_toml."""
+def dataset_config(image_dir: Path, *, resolution: int, trigger: str, repeats: int,
+                   shuffle_caption: bool = False) -> dict:
+    """The dataset config as data: same sections and keys as FluxGym's gen_toml. `shuffle_caption`
+    follows the advanced panel's --shuffle_caption: a key in the file wins over the flag, so FluxGym's
+    fixed `shuffle_caption = false` would silently switch the ticked option off."""
     return {
-        "general": {"shuffle_caption": False, "caption_extension": ".txt", "keep_tokens": 1},
+        "general": {"shuffle_caption": bool(shuffle_caption), "caption_extension": ".txt", "keep_tokens": 1},
         "datasets": [
             {
                 "resolution": int(resolution),

@@ -19,7 +19,7 @@ from fluxgym.models import missing_files, resolve_base_model
 from fluxgym.naming import ProjectPaths, check_one_line, claim_slug, project_paths
 from fluxgym.prepare import DatasetError, MIN_IMAGES, list_images
 from fluxgym.presets import get_preset
-from fluxgym.script import TrainRequest, build_argv, header_lines, render_bat, render_sh
+from fluxgym.script import TrainRequest, build_argv, header_lines, per_step_options, render_bat, render_sh
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ def render_files(req: TrainRequest, paths: ProjectPaths, prompts: str, repeats: 
         "Written with real TOML escaping: the trigger round-trips exactly.",
         f"Used by outputs/{req.slug}/train.sh; `generate` rewrites this file.",
     ]
-    config = dataset_config(paths.dataset_dir, resolution=req.resolution, trigger=req.trigger, repeats=repeats)
+    config = dataset_config(paths.dataset_dir, resolution=req.resolution, trigger=req.trigger, repeats=repeats,
+                            shuffle_caption="shuffle_caption" in per_step_options(req)[0])
     prompt_header = "".join(f"# {h}\n" for h in header_lines(req, "sh")[:2])
     return {"train.sh": render_sh(req, argv), "train.bat": render_bat(req, argv),
             "dataset.toml": render_dataset_toml(config, toml_header), "sample_prompts.txt": prompt_header + prompts}

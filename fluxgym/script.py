@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxgym import __version__
+from fluxgym._paths import use_sd_scripts
 from fluxgym.models import ModelFiles
 from fluxgym.presets import Preset
 
@@ -59,12 +60,19 @@ def _model_args(req: TrainRequest) -> list[str]:
     return args
 
 
-# Advanced-panel flags that change the pixels every step: the trainer refuses them with a latent cache (as upstream)
-PER_STEP_IMAGE_FLAGS = ("--random_crop", "--color_aug")
+def per_step_options(req: TrainRequest) -> tuple[list[str], list[str]]:
+    """(caption options, image options) that the extra (advanced-panel) flags turn on. Each changes its
+    input every step, so the trainer refuses it with the matching cache flag (as upstream does); the
+    generated script then leaves that cache flag out instead of handing the user a script that exits 2."""
+    use_sd_scripts()
+    from library import cache_rules
+
+    return (cache_rules.options_turned_on(req.extra, cache_rules.PER_STEP_CAPTION_OPTIONS),
+            cache_rules.options_turned_on(req.extra, cache_rules.PER_STEP_IMAGE_OPTIONS))
 
 
 def _loader_args(req: TrainRequest) -> list[str]:
-    cache = [] if any(flag in req.extra for flag in PER_STEP_IMAGE_FLAGS) else ["--cache_latents_to_disk"]
+    cache = [] if per_step_options(req)[1] else ["--cache_latents_to_disk"]
     args = [*cache, "--save_model_as", "safetensors", "--sdpa"]
     # torch refuses persistent workers when there are none.
     if req.preset.persistent_workers and req.workers > 0:
@@ -91,7 +99,9 @@ def build_argv(req: TrainRequest) -> list[str]:
     argv += p.block_args()
     if req.sample_prompts is not None and req.sample_every > 0:
         argv += ["--sample_prompts", str(req.sample_prompts), "--sample_every_n_steps", str(req.sample_every)]
-    argv += ["--learning_rate", req.lr, "--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk"]
+    argv += ["--learning_rate", req.lr]
+    if not per_step_options(req)[0]:
+        argv += ["--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk"]
     if p.fp8_base:
         argv.append("--fp8_base")
     if p.highvram:
@@ -132,7 +142,18 @@ def header_lines(req: TrainRequest, kind: str) -> list[str]:
         f"Resume:     python -m fluxgym resume {req.slug}   (or pass --resume <state folder> to this script)",
         f"Checkpointing: {ckpt}",
         "Extra arguments given to this script are passed on to the trainer (the last value of a flag wins).",
-    ]
+    ] + _cache_notes(req)
+
+
+def _cache_notes(req: TrainRequest) -> list[str]:
+    captions, images = per_step_options(req)
+    notes = []
+    if captions:
+        notes.append(f"No text-encoder cache: {', '.join('--' + n for n in captions)} change(s) the caption every step.")
+    if images:
+        notes.append(f"No latent cache: {', '.join('--' + n for n in images)} change(s) the image every step "
+                     "(the autoencoder encodes each batch).")
+    return notes
 
 
 def _sh_line_groups(tokens: list[str]) -> list[list[str]]:

@@ -12,13 +12,12 @@ import os
 import socket
 import threading
 
+from library.cache_rules import PER_STEP_CAPTION_OPTIONS, PER_STEP_IMAGE_OPTIONS
 from library.settings import HubSettings, RegularisationSettings, SettingsError
 
 log = logging.getLogger(__name__)
 HUB_HOST = ("huggingface.co", 443)
 HUB_PROBE_SECONDS = 3.0
-_PER_STEP_CAPTION_FLAGS = ("shuffle_caption", "caption_dropout_rate", "caption_dropout_every_n_epochs",
-                           "caption_tag_dropout_rate", "enable_wildcard")
 
 
 def _rate(ns: argparse.Namespace, name: str, *, upper_open: bool = False) -> float:
@@ -59,7 +58,7 @@ def dataset_fallbacks(ns: argparse.Namespace) -> dict:
         raise SettingsError(f"--dataset_repeats {ns.dataset_repeats}: must be 1 or more")
     cache_te = ns.cache_text_encoder_outputs or ns.cache_text_encoder_outputs_to_disk
     if cache_te:
-        for name in _PER_STEP_CAPTION_FLAGS:
+        for name in PER_STEP_CAPTION_OPTIONS:
             if getattr(ns, name):
                 cache_flag = ("--cache_text_encoder_outputs_to_disk" if ns.cache_text_encoder_outputs_to_disk
                               else "--cache_text_encoder_outputs")
@@ -75,7 +74,7 @@ def dataset_fallbacks(ns: argparse.Namespace) -> dict:
             raise SettingsError(f"--face_crop_aug_range: {exc}") from None
     cache_latents = ("--cache_latents_to_disk" if ns.cache_latents_to_disk
                      else "--cache_latents" if ns.cache_latents else None)
-    for name in ("random_crop", "color_aug"):
+    for name in PER_STEP_IMAGE_OPTIONS:
         if getattr(ns, name) and cache_latents:
             raise SettingsError(f"--{name} changes the image every step, but {cache_latents} encodes each image once: "
                                 f"remove {cache_latents} (the images are then encoded every step) or --{name} "

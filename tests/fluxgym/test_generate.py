@@ -75,3 +75,26 @@ def test_per_step_augmentation_from_the_advanced_panel_drops_the_latent_cache(ro
     assert "--cache_latents_to_disk" in plain.argv
     _, res = setup_lora(root, extra=("--color_aug",))
     assert "--color_aug" in res.argv and "--cache_latents_to_disk" not in res.argv  # else the trainer exits 2
+
+
+def test_per_step_caption_options_drop_the_text_cache_and_the_trainer_accepts_the_script(root):
+    import tomllib
+
+    from fluxgym.webui.form import TrainerArgumentError, check_with_trainer
+
+    te_cache = {"--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk"}
+    _, plain = setup_lora(root)
+    assert te_cache <= set(plain.argv)
+    with pytest.raises(TrainerArgumentError, match="--shuffle_caption changes the caption every step"):
+        check_with_trainer(plain.argv + ["--shuffle_caption"])  # what FluxGym's own script would hit
+    guide = ("--shuffle_caption", "--caption_dropout_rate", "0.05", "--random_crop")
+    _, res = setup_lora(root, extra=guide)
+    assert not te_cache & set(res.argv) and "--cache_latents_to_disk" not in res.argv
+    check_with_trainer(res.argv)  # the generated command passes the trainer's own checks
+    toml = tomllib.loads(res.files["dataset.toml"].read_text(encoding="utf-8"))
+    assert toml["general"]["shuffle_caption"] is True  # the file's key wins over the flag: it must agree
+    script = res.files["train.sh"].read_text(encoding="utf-8")
+    assert "# No text-encoder cache: --shuffle_caption, --caption_dropout_rate change(s)" in script
+    assert "# No latent cache: --random_crop" in script
+    _, zero = setup_lora(root, extra=("--caption_dropout_rate", "0"))  # a zero rate changes nothing
+    assert te_cache <= set(zero.argv) and "No text-encoder cache" not in zero.files["train.sh"].read_text()
