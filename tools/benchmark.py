@@ -7,7 +7,8 @@ One trainer (same model, data, LoRA and optimizer) serves every variant. Prints 
   hardened / plain   our loop with every hang guard on vs all of them off (target <= 1.02)
   logged / ours      our loop with TensorBoard logging (--logging_dir) vs without: the per-step logging cost
   fused / ours       our loop with --fused_backward_pass vs without
-plus the peak LoRA-gradient memory of one step with --fused_backward_pass vs without (fused / unfused), the
+plus the time to load, augment and encode one batch (what --random_crop/--color_aug add per step), the
+peak LoRA-gradient memory of one step with --fused_backward_pass vs without (fused / unfused), the
 time of one validation pass (--validation_split 0.25: 2 held-out images x 4 timesteps), the startup
 time to the first finished step and the peak RSS. Rounds interleave the variants so a machine that gets
 busier affects all of them alike; medians are reported.
@@ -162,6 +163,27 @@ def time_bare(trainer, steps: int) -> float:
     return (time.perf_counter() - started) / steps
 
 
+def time_live_encode(trainer, passes: int) -> float:
+    """Seconds to load, augment and encode one batch with the autoencoder: what --random_crop/--color_aug
+    (no latent cache) add to every training step (library.image_augment)."""
+    import numpy as np
+    import torch
+
+    from library import image_augment
+    from library.flux_loading import encode_latents
+
+    session = trainer.session
+    ds, ae = session.data.dataset, session.models.ae
+    items = [ds.items[item] for _, item, _ in ds.batches_for_epoch(0)[0]]
+    started = time.perf_counter()
+    for i in range(passes):
+        rng = np.random.default_rng(i)
+        images = torch.stack([image_augment.load_augmented(item, rng=rng, flip=False)[0] for item in items])
+        with torch.no_grad():
+            encode_latents(ae, images.to(session.device, ae.dtype), torch.Generator().manual_seed(i))
+    return (time.perf_counter() - started) / passes
+
+
 @contextlib.contextmanager
 def fused_on(trainer):
     """The same trainer with --fused_backward_pass hooks (max_grad_norm as configured); removed on exit."""
@@ -224,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         time_bare(trainer, 2)  # warm-up
         grad_bytes = {"unfused": peak_grad_bytes(trainer, False), "fused": peak_grad_bytes(trainer, True)}
         results = {"bare": [], "ours": [], "plain": [], "logged": [], "fused": [], "validation_pass": [],
-                   "log_call": []}
+                   "log_call": [], "live_encode": []}
         contexts = {"ours": contextlib.nullcontext, "plain": lambda: guards_off(trainer),
                     "logged": lambda: logging_on(trainer, tracker), "fused": lambda: fused_on(trainer)}
         for round_no in range(args.rounds):
@@ -237,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[variant].append(time_ours(trainer, args.steps))
             results["validation_pass"].append(time_validation(trainer, validator, 2))
             results["log_call"].append(time_log_step(trainer, tracker))
+            results["live_encode"].append(time_live_encode(trainer, 4))
         tracker.close()
         trainer.control.close()
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -253,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "fused_step_s": med["fused"], "ratio_fused_vs_ours": med["fused"] / med["ours"],
         "peak_grad_bytes_unfused": grad_bytes["unfused"], "peak_grad_bytes_fused": grad_bytes["fused"],
         "ratio_grad_memory_fused_vs_unfused": grad_bytes["fused"] / grad_bytes["unfused"],
+        "live_encode_batch_s": med["live_encode"], "live_encode_in_steps": med["live_encode"] / med["ours"],
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -271,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  one validation pass    {med['validation_pass'] * 1000:8.2f} ms   "
               f"= {report['validation_pass_in_steps']:.2f} training steps ({report['validation_batches_per_pass']} "
               "batches x 4 timesteps; validating every N steps adds pass/N per step)")
+        print(f"  per-step image encode  {med['live_encode'] * 1000:8.2f} ms   "
+              f"= {report['live_encode_in_steps']:.2f} training steps (load, augment, autoencoder: what "
+              "--random_crop/--color_aug add to each step)")
         print(f"  startup to first step  {startup:8.2f} s")
         print(f"  peak RSS               {report['peak_rss_mb']:8.0f} MB")
         print(f"  peak LoRA gradients    {grad_bytes['unfused'] / 1024:8.1f} KiB ordinary, "

@@ -45,7 +45,7 @@ def baseline(tiny_models, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("resumes", [1, 2, 5])
+@pytest.mark.parametrize("resumes", [1, 5])  # 2 stops added ~19 s and nothing 1 and 5 do not cover
 def test_resume_chain_is_bit_identical(baseline, tiny_models, resumes):
     root, toml, base_tensors, base_losses = baseline
     stops = sorted(random.Random(resumes).sample(range(1, TOTAL_STEPS), resumes))
