@@ -50,6 +50,26 @@ def checkpoint_validation():
     return importlib.import_module("library.checkpoint_validation")
 
 
+def job_lora_file(job) -> str | None:
+    """Where a queue job's LoRA file is now. A later fresh start of the same LoRA moves it to runs/<id>/ (the
+    trainer keeps runs apart), so the path stored when the job finished is followed there, through the run id
+    its "done" event recorded; the stored path when the file is where it was or cannot be found."""
+    stored = job.lora_file
+    if not stored or not job.output_dir or not job.events_file or Path(stored).is_file():
+        return stored
+    from fluxgym.supervise import read_events
+
+    try:
+        events, _ = read_events(Path(job.events_file), 0)
+    except OSError:
+        return stored
+    runs = [e.get("trainer_run") for e in events if e.get("event") == "done"]
+    if not runs or not isinstance(runs[-1], int):
+        return stored
+    found = checkpoint_validation().archived_file(Path(job.output_dir), Path(stored).name, runs[-1])
+    return str(found) if found is not None and found.is_file() else stored
+
+
 def earlier_runs(paths: ProjectPaths) -> list[dict]:
     """Runs whose files a fresh start moved to outputs/<name>/runs/<id>/ (the trainer's run_identity)."""
     try:

@@ -60,8 +60,10 @@ def add_job_parsers(sub, add_common: Callable, add_generate_options: Callable) -
 
 
 def _print_jobs(jobs, as_json: bool) -> None:
+    from fluxgym.status import job_lora_file
+
     if as_json:
-        print(json.dumps({"jobs": [j.to_dict() for j in jobs]}, indent=2))
+        print(json.dumps({"jobs": [{**j.to_dict(), "lora_file": job_lora_file(j)} for j in jobs]}, indent=2))
         return
     if not jobs:
         print("no jobs; add one with `python -m fluxgym queue add NAME --vram ...`")
@@ -69,7 +71,7 @@ def _print_jobs(jobs, as_json: bool) -> None:
     print(f"{'ID':>4}  {'LORA':20}  {'STATE':11}  {'PHASE':15}  {'STEP':>11}  {'EPOCH':>5}  {'RST':>3}  DETAIL")
     for j in jobs:
         step = f"{j.step if j.step is not None else '-'}/{j.total_steps or '?'}"
-        detail = j.error or j.lora_file or (f"checkpoint {j.last_checkpoint}" if j.last_checkpoint else "")
+        detail = j.error or job_lora_file(j) or (f"checkpoint {j.last_checkpoint}" if j.last_checkpoint else "")
         if j.stop_requested and j.active:
             detail = "stop requested; " + detail
         print(f"{j.id:>4}  {j.lora[:20]:20}  {j.state:11}  {(j.phase or '-')[:15]:15}  {step:>11}  "

@@ -243,7 +243,10 @@ class Supervisor:
         lora = self._lora_path()
         if state == "done":
             out.lora_file = lora if lora and self._lora_ok() else None
-            self.emit("done", f"training finished: {out.lora_file or 'exit code 0'}", lora_file=out.lora_file)
+            # The trainer's run id: a later fresh start moves this file to runs/<id>/, and the job page follows it.
+            run = _lora_run(out.lora_file) if out.lora_file else None
+            self.emit("done", f"training finished: {out.lora_file or 'exit code 0'}", lora_file=out.lora_file,
+                      trainer_run=run)
             return out
         if state == "stopped":
             out.hint = hint_for("stopped", None, self.spec.resume_command)
@@ -468,3 +471,8 @@ class _Seen:
                 continue
         return sorted(fresh)
 
+
+def _lora_run(path) -> int | None:
+    from fluxgym.status import checkpoint_validation
+
+    return checkpoint_validation().lora_run_id(Path(path))

@@ -20,7 +20,7 @@ from fluxgym.jobs import commands as engine
 from fluxgym.naming import LoraNameError, check_claim, project_paths, slugify
 from fluxgym.prepare import DatasetError, list_images, prepare_dataset
 from fluxgym.presets import get_preset
-from fluxgym.status import checkpoint_validation, log_tail
+from fluxgym.status import checkpoint_validation, job_lora_file, log_tail
 from fluxgym.webui.form import FieldError, TrainForm, preflight
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def create_job(root: Path, form: TrainForm, staged_images: Path | None = None) -
 def job_view(root: Path, job) -> dict:
     """The job object of the API: the store's fields plus what the page shows in plain words."""
     d = job.to_dict()
-    lora = d.get("lora_file")
+    d["lora_file"] = lora = job_lora_file(job)
     d["lora_exists"] = bool(lora) and Path(lora).is_file()
     d["success"] = d["state"] == "done" and d["lora_exists"]
     d["restarts_text"] = "; ".join(_reason_words(r) for r in d.get("restart_reasons") or [])

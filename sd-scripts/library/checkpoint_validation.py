@@ -407,6 +407,26 @@ def parse_run_id(value) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def lora_run_id(path: Path) -> int | None:
+    """The run that wrote a LoRA file (its `fluxtrain_run_id` metadata); None when unreadable or not recorded."""
+    try:
+        header, _ = read_safetensors_header(Path(path))
+    except (OSError, ValueError):
+        return None
+    meta = header.get("__metadata__")
+    return parse_run_id(meta.get(RUN_ID_KEY)) if isinstance(meta, dict) else None
+
+
+def archived_file(output_dir: Path, name: str, run_id: int) -> Path | None:
+    """Where a fresh start moved run `run_id`'s file `name`: runs/<id>/<name>, or runs/<id>/moved-*/<name>
+    when that name was taken (newest first); None when it is in neither."""
+    run_dir = Path(output_dir) / RUNS_DIR / str(run_id)
+    if (run_dir / name).exists():
+        return run_dir / name
+    moved = sorted(run_dir.glob(f"moved-*/{name}"), reverse=True) if run_dir.is_dir() else []
+    return moved[0] if moved else None
+
+
 def read_run_file(output_dir: Path) -> dict:
     """`fluxtrain-runs.json` of an output folder ({} when missing or garbled: the folder then has no current run)."""
     try:

@@ -8,6 +8,7 @@ uninterrupted ones are the reference for the interrupted one: its final LoRA mus
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,7 +68,7 @@ def _wait_for_event(path, kind, timeout=120.0) -> dict:
     raise AssertionError(f"no {kind!r} event in {path} within {timeout} s")
 
 
-def test_queue_of_three_demo_jobs_survives_a_worker_killed_mid_run(root, tmp_path, tiny_models):
+def test_queue_of_three_demo_jobs_survives_a_worker_killed_mid_run(root, tmp_path, tiny_models, capsys):
     (root / "models").symlink_to(tiny_models["unet"].parents[1])  # the session's tiny models: the demo layout
     ensure_tiny_models(root)  # finds them present; builds nothing
     src = tmp_path / "shapes"
@@ -139,3 +140,18 @@ def test_queue_of_three_demo_jobs_survives_a_worker_killed_mid_run(root, tmp_pat
     assert MODEL_SAVED in beta.out("train.log").read_text()  # its output after the kill still reached the log
     beta_events = [e["event"] for e in read_events(jobs["beta"].events_file)[0]]
     assert beta_events.count("attached") == 1 and beta_events[-1] == "done"
+    # The done event names the trainer's run, so the job still finds its LoRA after a later fresh start of the
+    # same LoRA moved it to runs/1/ (as the trainer's run_identity does; a name taken there goes to moved-*/).
+    from fluxgym.status import job_lora_file
+
+    for lora, dest in (("alpha", "runs/1"), ("gamma", "runs/1/moved-20261130-120000")):
+        j, final = jobs[lora], project_paths(root, lora).final_lora
+        assert read_events(j.events_file)[0][-1]["trainer_run"] == 1
+        assert job_lora_file(j) == str(final)
+        (final.parent / dest).mkdir(parents=True)
+        final.rename(final.parent / dest / final.name)
+        assert job_lora_file(j) == str(final.parent / dest / final.name)
+        capsys.readouterr()  # what earlier commands printed
+        assert main(["queue", "list", "--root", str(root), "--json"]) == 0
+        listed = {row["id"]: row for row in json.loads(capsys.readouterr().out)["jobs"]}
+        assert listed[j.id]["lora_file"] == str(final.parent / dest / final.name)
