@@ -104,8 +104,16 @@ def saving(what: str, path: os.PathLike | str, *, needed_bytes: Callable[[], int
         raise DiskError(disk_message(code, what, Path(path), needed, hint)) from exc
 
 
-def _mb(n: float) -> str:
-    return f"{max(n, 0) / MB:.0f}" if n >= 10 * MB else f"{max(n, 0) / MB:.1f}"
+def human_size(n: float) -> str:
+    """Bytes in the unit a person reads at a glance: 12 KB, 3.4 MB, 850 MB, 1.3 GB."""
+    n = max(n, 0)
+    if n < MB:
+        return f"{max(1, round(n / 1024))} KB"
+    if n < 10 * MB:
+        return f"{n / MB:.1f} MB"
+    if n < 1024 * MB:
+        return f"{n / MB:.0f} MB"
+    return f"{n / (1024 * MB):.1f} GB"
 
 
 def disk_message(code: int, what: str, path: Path, needed: int | None, hint: str = HINT_CHECKPOINT) -> str:
@@ -114,11 +122,12 @@ def disk_message(code: int, what: str, path: Path, needed: int | None, hint: str
                 f"errors first) or write to another folder (--output_dir for checkpoints and samples); "
                 f"files already written are intact.")
     free = free_bytes(path)
-    need = f"needed about {_mb(needed)} MB" if needed else "size unknown"
     if needed and free is not None:
-        to_free = f"{_mb(max(needed - free, 0) * 1.1 + MB)} MB"  # a margin: the estimate is not exact
+        # a margin: the size is an estimate, and other writers share the disk
+        to_free = f"free at least {human_size(max(needed - free, 0) * 1.1 + MB)}"
     else:
-        to_free = "some space"
+        to_free = "free some space"
+    size = f"it needs about {human_size(needed)}" if needed else "its size is unknown"
+    now = f", {human_size(free)} are free now" if free is not None else ""
     head = "disk quota exceeded" if code == _EDQUOT else "disk full"
-    now = f", {_mb(free)} MB free now" if free is not None else ""
-    return f"{head} while saving {what} to {path}: free {to_free} ({need}{now}) {hint}."
+    return f"{head} while saving {what} to {path} ({size}{now}): {to_free} {hint}."
