@@ -7,7 +7,6 @@ the same code `tools/find_checkpoint.py` and the trainer use) for `resume`. Stdl
 from __future__ import annotations
 
 import importlib
-import json
 import time
 from pathlib import Path
 
@@ -18,16 +17,12 @@ from fluxgym.supervise.events import tail_events
 from fluxgym.supervise.progress import read_heartbeat
 from fluxgym.supervise.process import PID_FILE, process_alive, read_pid_file, record_from, running, supervisor_record
 
-HEARTBEAT = "heartbeat.json"
+use_sd_scripts()
+from library.atomic_io import read_json_object  # noqa: E402
+
+# The state `status` shows for how a run ended: the supervisor's final event kinds and the trainer's final
+# heartbeat phases use the same three names.
 VERDICTS = {"done": "succeeded", "failed": "failed", "stopped": "stopped"}
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def log_tail(path: Path, lines: int = 10, max_bytes: int = 65536) -> list[str]:
@@ -87,7 +82,7 @@ def newest_valid_state(paths: ProjectPaths):
 def finished_unwatched(output_dir: Path, lora_name: str, since: float) -> Path | None:
     """The final LoRA when a run that began at `since` (unix s) finished well while no supervisor watched
     it (heartbeat `done`, a valid `<lora_name>.safetensors` written since then), else None."""
-    hb = _read_json(Path(output_dir) / HEARTBEAT)
+    hb = read_heartbeat(output_dir)
     if hb is None or hb.get("phase") != "done" or float(hb.get("time") or 0) < since - 1.0:
         return None
     lora = Path(output_dir) / f"{lora_name}.safetensors"
@@ -122,10 +117,6 @@ def trainer_holding(paths: ProjectPaths) -> dict | None:
         return None
 
 
-# The trainer's final heartbeat phases, as the state `status` shows.
-HEARTBEAT_VERDICTS = {"done": "succeeded", "failed": "failed", "stopped": "stopped"}
-
-
 def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
     """State, phase, step, loss and speed, last checkpoint, restarts and the last events of this LoRA's run."""
     events = tail_events(paths.out(EVENTS_FILE))
@@ -134,13 +125,13 @@ def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
     last = {e["event"]: e for e in mine}  # the last event of each kind in the newest run
     verdict = next((e for e in reversed(mine) if e["event"] in VERDICTS), None)
     live = running(paths.output_dir)
-    last_run = _read_json(paths.out(LAST_RUN))
+    last_run = read_json_object(paths.out(LAST_RUN))
     hb = read_heartbeat(paths.output_dir)
     holder = trainer_holding(paths) if live is None else None
     # A run fluxgym never supervised (bash train.sh) has no events, only the trainer's heartbeat.
     hb_only = bool(hb) and not mine and last_run is None
     # ... or one that ended (stopped, failed, done) after the last supervised run's events.
-    hb_ended_later = (bool(hb) and hb.get("phase") in HEARTBEAT_VERDICTS and isinstance(hb.get("time"), (int, float))
+    hb_ended_later = (bool(hb) and hb.get("phase") in VERDICTS and isinstance(hb.get("time"), (int, float))
                       and hb["time"] > max([e.get("time", 0) for e in mine[-1:]] + [0]))
     unwatched = _unwatched_end(paths) if live is None and verdict is None and mine else None
     if live is not None:
@@ -149,7 +140,7 @@ def run_status(paths: ProjectPaths, *, lines: int = 10) -> dict:
         state = "running (not under fluxgym's supervisor)"
         live = {"pid": holder.get("pid")}
     elif hb_only or hb_ended_later:
-        state = HEARTBEAT_VERDICTS.get(hb.get("phase"),
+        state = VERDICTS.get(hb.get("phase"),
                                        f"ended (no trainer holds the folder; its heartbeat last said {hb.get('phase')})")
     elif verdict is not None:
         state = VERDICTS[verdict["event"]]

@@ -20,6 +20,12 @@ from typing import BinaryIO
 
 import psutil
 
+from fluxgym._paths import use_sd_scripts
+from fluxgym.atomic_files import write_text_atomic
+
+use_sd_scripts()
+from library.atomic_io import read_json_object  # noqa: E402
+
 IS_POSIX = os.name == "posix"
 PID_FILE = "train.pid"
 STOP_MARKER = ".stop-requested"  # written by stop_run: the supervisor must not restart what a user stopped
@@ -207,17 +213,12 @@ def write_pid_file(path: Path, rec: ProcessRecord | None, **extra) -> None:
     data = {"supervisor": asdict(me), **extra}
     if rec is not None:
         data.update(asdict(rec))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data))
 
 
 def read_pid_file(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    """The pid file's record; None when missing or unreadable (the trainer's one JSON-record reader)."""
+    return read_json_object(path)
 
 
 def record_from(data: dict | None) -> ProcessRecord | None:

@@ -6,6 +6,7 @@
 - `atomic_file(final)` does the same for a single file (`os.replace`, no trash needed).
 - `remove_tree(path)` deletes by rename-to-trash then delete, so a crash never leaves a half-deleted final name.
 - `cleanup_leftovers(output_dir)` removes temp/trash names left by a killed run (or promotes a complete one).
+- `read_json_object(path)` reads such a published JSON record back (None when missing or not an object).
 - Every filesystem mutation goes through one `FsOps` object so tests can stop the sequence at operation N.
 """
 
@@ -254,6 +255,17 @@ def atomic_file(final: Path, *, ops: FsOps | None = None) -> Iterator[Path]:
     except BaseException:
         _discard(tmp, ops)
         raise
+
+
+def read_json_object(path: Path) -> dict | None:
+    """A JSON object file written by one of the writers here (heartbeat, lock record, pid file, run record), or
+    None when it is missing, unreadable, not JSON or not an object: every caller treats those the same."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_file_atomic(final: Path, data: bytes, *, ops: FsOps | None = None) -> Path:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from library.atomic_io import read_json_object
+
 logger = logging.getLogger(__name__)
 
 FILE_NAME = "heartbeat.json"
@@ -141,10 +143,4 @@ def file_name_for_rank(rank: int) -> str:
 
 def read_heartbeat(output_dir: str | os.PathLike, rank: int = 0) -> dict[str, Any] | None:
     """The last heartbeat rank `rank` wrote in `output_dir`, or None when missing or unreadable."""
-    path = Path(output_dir) / file_name_for_rank(rank)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_object(Path(output_dir) / file_name_for_rank(rank))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from library import errors
+from library.atomic_io import read_json_object
 
 LOCK_NAME = ".trainer.lock"
 # Windows locks are mandatory byte-range locks: lock one byte far past the JSON so readers can still read it.
@@ -124,15 +125,6 @@ def _write_info(fd: int, info: dict) -> None:
         data = data[os.write(fd, data):]
 
 
-def _read_info(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _open_lock_file(path: Path) -> int:
     # No O_TRUNC: opening must never erase the holder's record before we know we hold the lock.
     return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
@@ -164,7 +156,7 @@ def acquire_output_lock(output_dir: Path, *, command: list[str]) -> OutputLock:
     try:
         while not _try_lock(fd):
             if time.monotonic() >= deadline:
-                holder = _read_info(path) or {}
+                holder = read_json_object(path) or {}
                 os.close(fd)
                 raise errors.FolderInUseError(in_use_message(output_dir, holder))
             time.sleep(_RETRY_SLEEP_S)
@@ -216,14 +208,14 @@ def read_lock_holder(output_dir: Path) -> dict | None:
         try:
             free = _try_lock(fd, shared=True)
         except _LockUnsupported:
-            info = _read_info(path)
+            info = read_json_object(path)
             return info if info and info.get("host") == socket.gethostname() and _pid_alive(info.get("pid")) else None
         if free:
             _unlock(fd)
             return None
         # Held: the holder writes its record right after locking, so an empty file is only a moment old.
         for _ in range(20):
-            info = _read_info(path)
+            info = read_json_object(path)
             if info:
                 return info
             time.sleep(0.025)
