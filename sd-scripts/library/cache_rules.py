@@ -14,9 +14,17 @@ PER_STEP_CAPTION_OPTIONS = ("shuffle_caption", "caption_dropout_rate", "caption_
                             "caption_tag_dropout_rate", "enable_wildcard")
 # options whose pixels differ from step to step (face_crop_aug_range works once per cache, as upstream)
 PER_STEP_IMAGE_OPTIONS = ("random_crop", "color_aug")
-TEXT_CACHE_FLAGS = ("--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk")
-LATENT_CACHE_FLAGS = ("--cache_latents", "--cache_latents_to_disk")
 _SWITCHES = {"shuffle_caption", "enable_wildcard", "random_crop", "color_aug"}  # store_true flags
+
+
+def text_cache_flag(in_memory: bool, to_disk: bool) -> str | None:
+    """The text-encoder cache flag the user gave, as a message names it (the disk flag implies the cache)."""
+    return "--cache_text_encoder_outputs_to_disk" if to_disk else "--cache_text_encoder_outputs" if in_memory else None
+
+
+def latent_cache_flag(in_memory: bool, to_disk: bool) -> str | None:
+    """The latent cache flag the user gave, as a message names it (the disk flag implies the cache)."""
+    return "--cache_latents_to_disk" if to_disk else "--cache_latents" if in_memory else None
 
 
 def options_turned_on(argv: Sequence[str], names: Sequence[str]) -> list[str]:

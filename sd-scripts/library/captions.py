@@ -20,6 +20,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from library.cache_rules import PER_STEP_CAPTION_OPTIONS
+
 _WILDCARD = re.compile(r"\{([^}]+)\}")
 
 
@@ -50,18 +52,7 @@ class CaptionOptions:
 
 def per_step_options(opts: CaptionOptions) -> list[str]:
     """The option names that make the caption change from step to step (they forbid a text-encoder cache)."""
-    names = []
-    if opts.shuffle_caption:
-        names.append("shuffle_caption")
-    if opts.caption_dropout_rate > 0:
-        names.append("caption_dropout_rate")
-    if opts.caption_dropout_every_n_epochs > 0:
-        names.append("caption_dropout_every_n_epochs")
-    if opts.caption_tag_dropout_rate > 0:
-        names.append("caption_tag_dropout_rate")
-    if opts.enable_wildcard:
-        names.append("enable_wildcard")
-    return names
+    return [name for name in PER_STEP_CAPTION_OPTIONS if getattr(opts, name) > 0]  # switches: True > 0
 
 
 def caption_rng(seed: int, epoch: int, index: int, occurrence: int = 0) -> random.Random:

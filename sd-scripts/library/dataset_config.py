@@ -478,12 +478,12 @@ def blueprints_from_image_lists(groups: list[tuple[int, bool, list[tuple[Path, s
 
 def check_text_encoder_cache(blueprints: list[DatasetBlueprint], data) -> None:
     """Upstream's rule: a caption option that changes the caption every step cannot use cached encoder outputs."""
-    if not data.cache_text_encoder_outputs:
-        return
+    from library.cache_rules import text_cache_flag
     from library.captions import per_step_options
 
-    flag = ("--cache_text_encoder_outputs_to_disk" if data.cache_text_encoder_outputs_to_disk
-            else "--cache_text_encoder_outputs")
+    flag = text_cache_flag(data.cache_text_encoder_outputs, data.cache_text_encoder_outputs_to_disk)
+    if flag is None:
+        return
     for bp in blueprints:
         for sub in bp.subsets:
             names = per_step_options(sub.caption_options)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from library.cache_rules import PER_STEP_IMAGE_OPTIONS
 from library.errors import BadFileError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def check_latent_cache(blueprints, *, cache_flag: str | None) -> None:
     for bp in blueprints:
         for sub in bp.subsets:
             opts = sub.augment
-            names = [n for n in ("random_crop", "color_aug") if getattr(opts, n)]
+            names = [n for n in PER_STEP_IMAGE_OPTIONS if getattr(opts, n)]
             if names and cache_flag:
                 raise AugmentCacheConflict(
                     f"{names[0]} (set for {sub.source}) changes the image every step, but {cache_flag} encodes each "

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 
-from library.cache_rules import PER_STEP_CAPTION_OPTIONS, PER_STEP_IMAGE_OPTIONS
+from library.cache_rules import PER_STEP_CAPTION_OPTIONS, PER_STEP_IMAGE_OPTIONS, latent_cache_flag, text_cache_flag
 from library.settings import HubSettings, RegularisationSettings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,10 @@ def dataset_fallbacks(ns: argparse.Namespace) -> dict:
         raise SettingsError("--caption_separator: must not be empty")
     if ns.dataset_repeats < 1:
         raise SettingsError(f"--dataset_repeats {ns.dataset_repeats}: must be 1 or more")
-    cache_te = ns.cache_text_encoder_outputs or ns.cache_text_encoder_outputs_to_disk
-    if cache_te:
+    cache_flag = text_cache_flag(ns.cache_text_encoder_outputs, ns.cache_text_encoder_outputs_to_disk)
+    if cache_flag:
         for name in PER_STEP_CAPTION_OPTIONS:
             if getattr(ns, name):
-                cache_flag = ("--cache_text_encoder_outputs_to_disk" if ns.cache_text_encoder_outputs_to_disk
-                              else "--cache_text_encoder_outputs")
                 raise SettingsError(f"--{name} changes the caption every step, but {cache_flag} encodes each caption "
                                     f"once: remove one of them (as upstream)")
     face_range = None
@@ -72,8 +70,7 @@ def dataset_fallbacks(ns: argparse.Namespace) -> dict:
             face_range = parse_face_crop_range(ns.face_crop_aug_range)
         except ValueError as exc:
             raise SettingsError(f"--face_crop_aug_range: {exc}") from None
-    cache_latents = ("--cache_latents_to_disk" if ns.cache_latents_to_disk
-                     else "--cache_latents" if ns.cache_latents else None)
+    cache_latents = latent_cache_flag(ns.cache_latents, ns.cache_latents_to_disk)
     for name in PER_STEP_IMAGE_OPTIONS:
         if getattr(ns, name) and cache_latents:
             raise SettingsError(f"--{name} changes the image every step, but {cache_latents} encodes each image once: "

@@ -61,9 +61,9 @@ class DataSettings:
     @property
     def latent_cache_flag(self) -> str | None:
         """The latent cache flag the user gave, for messages (library.image_augment)."""
-        if self.cache_latents_to_disk:
-            return "--cache_latents_to_disk"
-        return "--cache_latents" if self.cache_latents else None
+        from library.cache_rules import latent_cache_flag
+
+        return latent_cache_flag(self.cache_latents, self.cache_latents_to_disk)
 
 
 @dataclass(frozen=True)
