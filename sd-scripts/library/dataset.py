@@ -292,6 +292,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.latent_cache = None
         self.te_cache = None
         self.live_images = False  # True: no latent cache, __getitem__ gives the (augmented) image of this step
+        self.augment = True  # per-step augmentation of live images; the validation part turns it off
         self._groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(self.items):
             self._groups.setdefault((item.dataset_index, item.bucket_reso), []).append(index)
@@ -360,7 +361,7 @@ class TrainDataset(torch.utils.data.Dataset):
         }
         if self.live_images:  # validation (augment False) gets the plain centre crop
             sample.update(image_augment.live_sample(self, epoch, index, rest[0] if rest else 0, flipped,
-                                                    augment=getattr(self, "augment", True)))
+                                                    augment=self.augment))
         else:
             sample["latents"] = torch.from_numpy(
                 np.asarray(self.latent_cache.latents_for(index, flipped), dtype=np.float32))

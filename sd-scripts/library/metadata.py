@@ -159,7 +159,9 @@ def option_metadata(settings, items=()) -> dict[str, str]:
     meta["ss_face_crop_aug_range"] = _str(fallbacks.get("face_crop_aug_range"))
     for key in ("color_aug", "flip_aug", "random_crop"):
         meta[f"ss_{key}"] = str(bool(fallbacks.get(key)))
-    if settings.data.latent_cache_flag is None and any(item.augment.per_step for item in items):
+    from library.image_augment import needs_live_images
+
+    if needs_live_images(items, cache_flag=settings.data.latent_cache_flag):
         meta["ss_cache_latents"] = "False"  # per-step augmentation: encoded every step (library.image_augment)
     meta["ss_num_reg_images"] = str(sum(1 for item in items if getattr(item, "is_reg", False)))
     if raw.get("dataset_class"):  # our key: upstream records no dataset class
